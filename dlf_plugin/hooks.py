@@ -1,0 +1,90 @@
+"""The plugin manager: loads dlf's own plugins and third-party ones, lazily and once.
+
+Set ``DLF_TRACE_HOOKS=1`` to log every hook call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import pluggy
+
+from dlf_plugin import hookspecs
+
+ENTRY_POINT_GROUP = "dlf_plugin"
+DEFAULT_PLUGINS = ("dlf_plugin.solvers.builtin",)
+
+logger = logging.getLogger(__name__)
+_lock = threading.Lock()
+_pm: pluggy.PluginManager | None = None
+_solvers: dict[str, tuple[type, str]] | None = None
+
+
+class PluginError(RuntimeError):
+    """A plugin broke a hook's contract (duplicate name, wrong type)."""
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, built on first use."""
+    global _pm
+    with _lock:
+        if _pm is None:
+            import importlib
+
+            pm = pluggy.PluginManager("dlf")
+            pm.add_hookspecs(hookspecs)
+            for module_name in DEFAULT_PLUGINS:
+                pm.register(importlib.import_module(module_name), name=module_name)
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            pm.check_pending()
+            if os.environ.get("DLF_TRACE_HOOKS"):
+                pm.trace.root.setwriter(logger.info)
+                pm.enable_tracing()
+            _pm = pm
+        return _pm
+
+
+def get_solvers() -> dict[str, tuple[type, str]]:
+    """Every registered solver: ``{name: (solver class, plugin name)}``."""
+    global _solvers
+    if _solvers is None:
+        _solvers = collect_solvers(get_plugin_manager())
+    return _solvers
+
+
+def collect_solvers(pm: pluggy.PluginManager) -> dict[str, tuple[type, str]]:
+    """Call ``register_solvers`` on every plugin of ``pm`` and check what they register."""
+    from dlf_plugin.solvers.base import Solver
+
+    found: dict[str, tuple[type, str]] = {}
+    for impl in reversed(pm.hook.register_solvers.get_hookimpls()):
+        plugin_name = impl.plugin_name
+
+        def register(solver_cls, _plugin=plugin_name):
+            if not (isinstance(solver_cls, type) and issubclass(solver_cls, Solver)):
+                raise PluginError(
+                    f"plugin {_plugin!r} registered {solver_cls!r}, which is not a subclass of "
+                    "dlf_plugin.solvers.base.Solver"
+                )
+            name = getattr(solver_cls, "name", None)
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {_plugin!r} registered {solver_cls.__name__} without a name")
+            if name in found:
+                raise PluginError(
+                    f"solver name {name!r} is registered twice: by plugin {found[name][1]!r} "
+                    f"({found[name][0].__name__}) and by plugin {_plugin!r} ({solver_cls.__name__}); "
+                    "uninstall one or rename its solver"
+                )
+            found[name] = (solver_cls, _plugin)
+
+        impl.function(register=register)
+    return found
+
+
+def reset() -> None:
+    """Forget the loaded plugins (tests use it around in-process plugins)."""
+    global _pm, _solvers
+    with _lock:
+        _pm, _solvers = None, None

@@ -1,0 +1,275 @@
+"""The lm-eval model ``dlf``: a large base model fused with expert pairs at every token.
+
+Tokenisation, request batching, chat templates and stop-string post-processing are
+lm-eval's own (``HFLM``, around the large model); the model calls are the fusion
+engine's: scoring runs every model once per batch and fuses only the continuation
+positions; generation keeps one KV cache per model.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator
+from lm_eval.utils import simple_parse_args_string
+from tqdm import tqdm
+
+import dlf_plugin
+from dlf_plugin import loading
+from dlf_plugin.engine import FusionEngine, Pair, Sampling
+from dlf_plugin.registry import DTYPES, RegistryError, load_registry
+from dlf_plugin.solvers.base import SolverOptionError, make_solver
+
+logger = logging.getLogger(__name__)
+
+# model_args that dlf itself reads (everything else goes to the solver) and HFLM's
+# that dlf passes through.
+DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace")
+PASSED_TO_HFLM = ("batch_size", "max_batch_size", "max_length", "add_bos_token", "prefix_token_id", "truncation", "logits_cache")
+GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k")
+
+
+class DLFLM(HFLM):
+    """Dynamic Logit Fusion as an lm-eval model.
+
+    Args:
+        registry: path to a registry YAML, or a shipped registry's name (default ``toy``).
+        experts: pair names joined by ``+`` (``gsm8k+triviaqa``), ``all``, or empty for
+            the large base alone.
+        solver: a registered solver's name (default ``static``).
+        dtype: overrides every model's registry dtype (auto, float32, float16, bfloat16).
+        device: from ``--device``: the device of models the registry places nowhere.
+        **kwargs: HFLM batching options (batch_size, max_length, ...) and the solver's options.
+    """
+
+    def __init__(
+        self,
+        registry: str | None = None,
+        experts: str = "",
+        solver: str = "static",
+        dtype: str | None = None,
+        trace: str | None = None,
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        hflm_args = {k: kwargs.pop(k) for k in PASSED_TO_HFLM if k in kwargs}
+        self.registry = load_registry(registry)
+        names = _split_experts(experts, list(self.registry.pairs))
+        pair_specs = self.registry.select(names)
+        self._check_solver_args(solver, kwargs)
+        solver_obj, plugin = make_solver(str(solver), [p.name for p in pair_specs], kwargs)
+        if dtype is not None and dtype not in DTYPES:
+            raise RegistryError(f"model_args dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+
+        specs = self.registry.models_for(pair_specs)
+        loading.check_sources(specs, self.registry.path)
+        tokenizers = loading.load_tokenizers(specs)
+        loading.check_vocabularies(tokenizers, self.registry.large, self.registry.path)
+
+        loaded = {
+            spec.name: loading.load_model(
+                spec,
+                loading.resolve_device(spec, device, self.registry.default_device),
+                dtype or spec.dtype,
+            )
+            for spec in specs
+        }
+        self.loaded = loaded
+        tokenizer = tokenizers[self.registry.large]
+        super().__init__(pretrained=loaded[self.registry.large].model, tokenizer=tokenizer, **hflm_args)
+        vocab = min([len(tokenizer)] + [loading.output_vocab_size(m.model) for m in loaded.values()])
+        self.pair_specs = pair_specs
+        self.engine = FusionEngine(
+            models={name: m.model for name, m in loaded.items()},
+            large=self.registry.large,
+            pairs=[Pair(p.name, p.expert, p.base) for p in pair_specs],
+            vocab_size=vocab,
+            solver=solver_obj,
+            plugin=plugin,
+        )
+        self.trace_path = trace
+
+    # -- construction from lm-eval's model_args ---------------------------------------------
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        _reject_device(simple_parse_args_string(arg_string or ""))
+        return super().create_from_arg_string(arg_string, additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        _reject_device(arg_dict)
+        return super().create_from_arg_obj(arg_dict, additional_config)
+
+    @staticmethod
+    def _check_solver_args(solver: str, options: dict) -> None:
+        from dlf_plugin.hooks import get_solvers
+
+        solvers = get_solvers()
+        if solver not in solvers:
+            return  # make_solver names the valid solvers
+        accepted = solvers[solver][0].option_names()
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise SolverOptionError(
+                f"model_args: unknown key(s) {', '.join(unknown)}; dlf accepts "
+                f"{', '.join(DLF_ARGS + PASSED_TO_HFLM)}, and solver {solver!r} accepts "
+                f"{', '.join(accepted) or 'no options'}"
+            )
+
+    # -- scoring --------------------------------------------------------------------------
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        """Fused logits at every position, ``[B, T, V]`` (used by batch-size detection)."""
+        positions = torch.ones_like(inps, dtype=torch.bool)
+        return self.engine.score(inps, positions).logits.view(*inps.shape, -1)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """Score (context, continuation) token pairs, fusing at continuation positions only."""
+
+        def sort_key(req):
+            toks = req[1] + req[2]
+            return -len(toks), tuple(toks)
+
+        re_ord = Collator(
+            requests,
+            sort_fn=sort_key,
+            group_by="contexts" if self.logits_cache else None,
+            group_fn=lambda req: req[-2] + req[-1][:-1],
+        )
+        auto = self.batch_size == "auto"
+        batch_size = override_bs if auto and override_bs else (0 if auto else self.batch_size)
+        batch_fn = self._batch_scheduler if auto and not override_bs and len(re_ord) else None
+        if batch_fn is not None:
+            self.batch_sizes = {}
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests (dlf)")
+        results = []
+        for chunk in re_ord.get_batched(n=batch_size, batch_fn=batch_fn):
+            rows, spans = [], []
+            for _, context_enc, continuation_enc in chunk:
+                if not context_enc or not continuation_enc or len(continuation_enc) > self.max_length:
+                    raise ValueError("dlf: every request needs a context and a continuation no longer than max_length")
+                row = (context_enc + continuation_enc)[-(self.max_length + 1) :][:-1]
+                rows.append(row)
+                spans.append((len(row) - len(continuation_enc), len(row)))
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+            positions = torch.zeros((len(rows), width), dtype=torch.bool)
+            for i, (row, (start, end)) in enumerate(zip(rows, spans)):
+                input_ids[i, : len(row)] = torch.tensor(row)
+                positions[i, start:end] = True
+            log_probs = F.log_softmax(self.engine.score(input_ids, positions).logits, dim=-1)
+            offset = 0
+            for (request_str, ctx_tokens, cont_toks), (start, end) in zip(chunk, spans):
+                row_logits = log_probs[offset : offset + end - start].unsqueeze(0)  # [1, cont, V]
+                offset += end - start
+                greedy = row_logits.argmax(-1)
+                for request_str, cont_toks, logits in re_ord.get_cache(
+                    req_str=request_str, cxt_toks=ctx_tokens, cont_toks=cont_toks, logits=row_logits
+                ):
+                    cont = torch.tensor(cont_toks, dtype=torch.long, device=logits.device).unsqueeze(0)
+                    is_greedy = bool((greedy[:, -cont.shape[1] :] == cont).all())
+                    logprob = float(torch.gather(logits, 2, cont.unsqueeze(-1)).sum())
+                    answer = (logprob, is_greedy)
+                    results.append(answer)
+                    if request_str is not None:
+                        self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                    pbar.update(1)
+        pbar.close()
+        return re_ord.get_original(results)
+
+    # -- generation -----------------------------------------------------------------------
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        attention_mask = generation_kwargs.pop("attention_mask")
+        sampling = _sampling(generation_kwargs)
+        stop_strings = [s for s in stop if s]
+        longest = max((len(s) for s in stop_strings), default=0)
+
+        def stop_check(rows, generated):
+            if not stop_strings:
+                return set()
+            return {
+                row
+                for row, ids in zip(rows, generated)
+                if any(s in self.tokenizer.decode(ids[-(longest + 4) :]) for s in stop_strings)
+            }
+
+        return self.engine.generate(
+            context,
+            attention_mask,
+            max_new_tokens=max_length - context.shape[1],
+            sampling=sampling,
+            eos_token_id=self.eot_token_id,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
+            stop_check=stop_check,
+        )
+
+    # -- results metadata -----------------------------------------------------------------
+
+    def get_model_info(self) -> dict:
+        """What a results file records: registry, models with revisions, pairs, solver, versions."""
+        large = self.loaded[self.registry.large]
+        return {
+            "model_num_parameters": large.provenance["num_parameters"],
+            "model_dtype": large.provenance["dtype"],
+            "model_revision": large.provenance["resolved_revision"] or large.spec.revision,
+            "model_sha": large.provenance.get("content_sha256") or large.provenance["resolved_revision"] or "",
+            "dlf": {
+                "dlf_version": dlf_plugin.__version__,
+                "registry": {
+                    "name": self.registry.name,
+                    "path": str(self.registry.path),
+                    "sha256": self.registry.sha256,
+                },
+                "large": self.registry.large,
+                "models": {name: m.provenance for name, m in self.loaded.items()},
+                "pairs": [
+                    {"name": p.name, "expert": p.expert, "base": p.base, "tasks": list(p.tasks), "chat_template": p.chat_template}
+                    for p in self.pair_specs
+                ],
+                "solver": {**self.engine.solver.describe(), "plugin": self.engine.plugin},
+                "versions": {pkg: _version(pkg) for pkg in ("torch", "transformers", "lm_eval", "pluggy")},
+            },
+        }
+
+
+def _split_experts(value: Any, available: list[str]) -> list[str]:
+    if value is None or value == "":
+        return []
+    if value == "all":
+        return available
+    return [name.strip() for name in str(value).split("+") if name.strip()]
+
+
+def _reject_device(args: dict) -> None:
+    if "device" in args:
+        raise RegistryError(
+            "model_args: 'device' is not a dlf model argument; pass --device to lm_eval (or device= "
+            "to simple_evaluate) for every model, or set device/device_map per model in the registry"
+        )
+
+
+def _sampling(kwargs: dict) -> Sampling:
+    unknown = sorted(k for k in kwargs if k not in GEN_KWARGS)
+    if unknown:
+        logger.warning("dlf: ignoring generation kwargs it does not implement: %s", ", ".join(unknown))
+    temperature = float(kwargs.get("temperature") or 0.0)
+    do_sample = bool(kwargs.get("do_sample", False)) and temperature > 0
+    top_p = float(kwargs.get("top_p") if kwargs.get("top_p") is not None else 1.0)
+    top_k = int(kwargs.get("top_k") or 0)
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"gen_kwargs top_p={top_p} must be in (0, 1]")
+    return Sampling(do_sample=do_sample, temperature=temperature if do_sample else 1.0, top_p=top_p, top_k=top_k)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        return None

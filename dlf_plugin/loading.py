@@ -1,0 +1,167 @@
+"""Registry entries -> loaded Hugging Face models and one tokenizer, vocabularies checked.
+
+Order of work, so that bad input fails before anything heavy happens:
+``check_sources`` (files only) -> ``load_tokenizers`` + ``check_vocabularies`` (small)
+-> ``load_models`` (the weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+import transformers
+
+from dlf_plugin.registry import ModelSpec, RegistryError
+
+logger = logging.getLogger(__name__)
+
+# Local checkpoints up to this size are hashed into the results metadata.
+HASH_LIMIT_BYTES = 2 * 1024**3
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: transformers.PreTrainedModel
+    provenance: dict
+
+
+def resolve_device(spec: ModelSpec, cli_device: str | None, registry_default: str | None) -> str:
+    """A model's device: its own registry entry, then ``--device``, then the registry default, then auto."""
+    if spec.device:
+        return spec.device
+    if cli_device:
+        return cli_device
+    if registry_default:
+        return registry_default
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_sources(specs: list[ModelSpec], registry_path: Path) -> None:
+    """Fail, naming the model and the file, on placeholders and missing or pickled local checkpoints."""
+    for spec in specs:
+        if spec.placeholder is not None:
+            raise RegistryError(
+                f"{registry_path}: models.{spec.name} is a placeholder ({spec.placeholder}); "
+                "replace it by a path: or hub: entry before using it"
+            )
+        if not spec.is_local:
+            continue
+        folder = Path(spec.location)
+        if not (folder / "config.json").is_file():
+            raise RegistryError(
+                f"{registry_path}: models.{spec.name}.path {folder} is not a model directory "
+                "(no config.json there)"
+            )
+        if not spec.allow_pickle and not any(folder.glob("*.safetensors")):
+            raise RegistryError(
+                f"{registry_path}: models.{spec.name}.path {folder} has no .safetensors weights; "
+                "convert the checkpoint, or set allow_pickle: true for this model if you trust it"
+            )
+
+
+def load_tokenizers(specs: list[ModelSpec]) -> dict[str, transformers.PreTrainedTokenizerBase]:
+    """Each distinct tokenizer location, loaded once."""
+    loaded = {}
+    for spec in specs:
+        key = (spec.tokenizer, spec.revision)
+        if key not in loaded:
+            loaded[key] = transformers.AutoTokenizer.from_pretrained(
+                spec.tokenizer,
+                revision=spec.revision,
+                trust_remote_code=spec.trust_remote_code,
+            )
+    return {spec.name: loaded[(spec.tokenizer, spec.revision)] for spec in specs}
+
+
+def check_vocabularies(
+    tokenizers: dict[str, transformers.PreTrainedTokenizerBase], large: str, registry_path: Path
+) -> None:
+    """All tokenizers must map the same ids to the same tokens (over their common length).
+
+    Vocabularies may differ in length by padding rows (32000 vs 32001): those rows are
+    never fused. Special-token ids must agree too, since all models read one token stream.
+    """
+    reference = tokenizers[large]
+    ref_tokens = reference.convert_ids_to_tokens(list(range(len(reference))))
+    for name, tok in tokenizers.items():
+        if tok is reference:
+            continue
+        tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
+        common = min(len(tokens), len(ref_tokens))
+        mismatch = next((i for i in range(common) if tokens[i] != ref_tokens[i]), None)
+        if mismatch is not None:
+            raise RegistryError(
+                f"{registry_path}: the tokenizer of models.{name} differs from the large model's "
+                f"({large}): token id {mismatch} is {tokens[mismatch]!r} there and "
+                f"{ref_tokens[mismatch]!r} in {large}; fusion needs one shared vocabulary"
+            )
+        for attr in ("eos_token_id", "bos_token_id"):
+            if getattr(tok, attr) != getattr(reference, attr):
+                raise RegistryError(
+                    f"{registry_path}: models.{name} has {attr}={getattr(tok, attr)} but the large "
+                    f"model {large} has {getattr(reference, attr)}; fusion needs one shared vocabulary"
+                )
+
+
+def torch_dtype(name: str):
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_model(spec: ModelSpec, device: str, dtype: str) -> LoadedModel:
+    """``from_pretrained`` one model, safetensors only unless the registry allows pickles."""
+    kwargs = dict(
+        dtype=torch_dtype(dtype),
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=None if spec.allow_pickle else True,
+    )
+    if spec.revision is not None:
+        kwargs["revision"] = spec.revision
+    if spec.device_map is not None:
+        kwargs["device_map"] = spec.device_map
+    logger.info("dlf: loading %s from %s", spec.name, spec.location)
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec.location, **kwargs)
+    if spec.device_map is None:
+        model.to(device)
+    model.eval()
+    return LoadedModel(spec=spec, model=model, provenance=provenance(spec, model, device))
+
+
+def provenance(spec: ModelSpec, model, device: str) -> dict:
+    """What a results file records about one model: where from, which revision, which bytes."""
+    record = {
+        "source": spec.location,
+        "kind": "local" if spec.is_local else "hub",
+        "requested_revision": spec.revision,
+        "resolved_revision": getattr(model.config, "_commit_hash", None),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": spec.device_map and f"device_map={spec.device_map}" or device,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if spec.is_local:
+        record["content_sha256"] = _hash_folder(Path(spec.location))
+    return record
+
+
+def _hash_folder(folder: Path) -> str | None:
+    """sha256 over config.json and the weight files, in name order; None above HASH_LIMIT_BYTES."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".bin") and p.name.startswith(("config", "model", "pytorch_model")))
+    if sum(p.stat().st_size for p in files) > HASH_LIMIT_BYTES:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def output_vocab_size(model) -> int:
+    """Number of rows of a model's output layer (its logits' last dimension)."""
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else model.config.vocab_size

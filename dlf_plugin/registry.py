@@ -1,0 +1,341 @@
+"""YAML registry -> validated, typed description of models and expert pairs.
+
+Pure Python (PyYAML only, no torch): a registry is read and checked completely
+before any model is loaded, so every mistake in it surfaces at once, with the
+file and the key named.
+
+A registry file looks like::
+
+    name: toy                       # required
+    description: ...                # optional
+    defaults:                       # optional; model_args may override dtype
+      dtype: float32                # auto | float32 | float16 | bfloat16
+      device: cpu                   # used when neither the model nor --device says
+    models:
+      large-base: {path: ../models/toy/large-base}     # local dir, relative to this file
+      small-base: {hub: org/name, revision: abc123}    # a hub id (revision: branch, tag, sha)
+      gsm8k-expert:
+        placeholder: "unpublished; fine-tune ... and put its path here"
+    large: large-base
+    pairs:
+      gsm8k: {expert: gsm8k-expert, base: small-base, tasks: [gsm8k], chat_template: false}
+
+Per model, besides exactly one of ``path``/``hub``/``placeholder``: ``revision``,
+``tokenizer`` (a path or hub id when the tokenizer lives elsewhere), ``dtype``,
+``device`` or ``device_map`` (not both), ``allow_pickle`` (default false: only
+safetensors weights load) and ``trust_remote_code`` (default false).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dlf_plugin.resources import data_root
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+_TOP_KEYS = {"name", "description", "defaults", "models", "large", "pairs"}
+_DEFAULT_KEYS = {"dtype", "device", "device_map"}
+_MODEL_KEYS = {
+    "path",
+    "hub",
+    "placeholder",
+    "revision",
+    "tokenizer",
+    "dtype",
+    "device",
+    "device_map",
+    "allow_pickle",
+    "trust_remote_code",
+    "note",
+}
+_PAIR_KEYS = {"expert", "base", "tasks", "chat_template", "note"}
+
+
+class RegistryError(ValueError):
+    """A registry file, or a choice made from it, is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model of a registry, with every default already applied.
+
+    Attributes:
+        name: the model's key under ``models:``.
+        location: absolute local directory, or hub id; empty for a placeholder.
+        is_local: True when ``location`` is a local directory (``path:``).
+        revision: hub revision (branch, tag or commit); None for local models.
+        tokenizer: where the tokenizer is loaded from (defaults to ``location``).
+        dtype: one of ``DTYPES``.
+        device: explicit device for this model, or None (then ``--device`` or the
+            registry default applies).
+        device_map: a transformers ``device_map`` (e.g. ``auto``), or None.
+        allow_pickle: allow non-safetensors weight files.
+        trust_remote_code: pass ``trust_remote_code=True`` to transformers.
+        placeholder: why this checkpoint is not available, or None.
+    """
+
+    name: str
+    location: str
+    is_local: bool
+    revision: str | None
+    tokenizer: str
+    dtype: str
+    device: str | None
+    device_map: str | None
+    allow_pickle: bool
+    trust_remote_code: bool
+    placeholder: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSpec:
+    """An expert pair: a small model fine-tuned on ``tasks`` and its small base."""
+
+    name: str
+    expert: str
+    base: str
+    tasks: tuple[str, ...]
+    chat_template: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Registry:
+    """A validated registry file."""
+
+    path: Path
+    sha256: str
+    name: str
+    description: str
+    default_device: str | None
+    models: dict[str, ModelSpec]
+    large: str
+    pairs: dict[str, PairSpec]
+
+    def select(self, experts: list[str]) -> list[PairSpec]:
+        """Return the pairs named in ``experts``, in that order.
+
+        Raises:
+            RegistryError: a name is not a pair of this registry, is given twice,
+                or the chosen pairs disagree on the chat template.
+        """
+        chosen = []
+        for name in experts:
+            if name not in self.pairs:
+                raise RegistryError(
+                    f"model_args experts: {name!r} is not an expert pair of registry "
+                    f"{self.path}; valid names: {', '.join(sorted(self.pairs)) or '(none)'}"
+                )
+            if any(p.name == name for p in chosen):
+                raise RegistryError(f"model_args experts: {name!r} is given twice")
+            chosen.append(self.pairs[name])
+        if len({p.chat_template for p in chosen}) > 1:
+            raise RegistryError(
+                f"model_args experts: pairs {', '.join(p.name for p in chosen)} of {self.path} "
+                "disagree on chat_template; all fused models read one token stream, so choose "
+                "pairs that expect the same prompt format"
+            )
+        return chosen
+
+    def models_for(self, pairs: list[PairSpec]) -> list[ModelSpec]:
+        """The distinct models a run with ``pairs`` needs: large first, then small bases, then experts."""
+        names = [self.large]
+        names += [p.base for p in pairs] + [p.expert for p in pairs]
+        return [self.models[n] for n in dict.fromkeys(names)]
+
+
+def resolve_registry_path(value: str | None) -> Path:
+    """Map the ``registry`` model argument to a file.
+
+    A value with no path separator and no ``.yaml``/``.yml`` suffix names a
+    registry shipped with dlf (``toy``, ``paper``); anything else is a path.
+    None means the shipped offline ``toy`` registry.
+    """
+    value = value or "toy"
+    if "/" not in value and not value.endswith((".yaml", ".yml")):
+        shipped = data_root() / "registry" / f"{value}.yaml"
+        if not shipped.is_file():
+            names = sorted(p.stem for p in (data_root() / "registry").glob("*.yaml"))
+            raise RegistryError(
+                f"model_args registry: no shipped registry named {value!r} "
+                f"(shipped: {', '.join(names)}); give a path to a YAML file instead"
+            )
+        return shipped
+    return Path(value).expanduser()
+
+
+def load_registry(value: str | Path | None) -> Registry:
+    """Read and validate a registry file (see the module docstring for its format).
+
+    Args:
+        value: path to a YAML file, or the name of a shipped registry.
+
+    Raises:
+        RegistryError: naming the file and key for every kind of mistake.
+    """
+    path = resolve_registry_path(str(value) if value is not None else None).resolve()
+    if not path.is_file():
+        raise RegistryError(
+            f"registry file {path} does not exist; pass registry=<path to a YAML file> "
+            "or the name of a shipped registry (toy, paper)"
+        )
+    raw = path.read_bytes()
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"registry file {path} is not valid YAML: {exc}") from exc
+    return _parse(path, hashlib.sha256(raw).hexdigest(), doc)
+
+
+def _parse(path: Path, sha256: str, doc: Any) -> Registry:
+    where = str(path)
+    _require_mapping(doc, where, "the top level")
+    _check_keys(doc, _TOP_KEYS, where, "the top level")
+    for key in ("name", "models", "large"):
+        if key not in doc:
+            raise RegistryError(f"{where}: missing required key '{key}'")
+    name = _string(doc["name"], where, "name")
+    defaults = doc.get("defaults") or {}
+    _require_mapping(defaults, where, "defaults")
+    _check_keys(defaults, _DEFAULT_KEYS, where, "defaults")
+    default_dtype = _dtype(defaults.get("dtype", "auto"), where, "defaults.dtype")
+    default_device = _optional_string(defaults.get("device"), where, "defaults.device")
+    default_map = _optional_string(defaults.get("device_map"), where, "defaults.device_map")
+
+    models_doc = doc["models"]
+    _require_mapping(models_doc, where, "models")
+    models = {
+        str(key): _parse_model(path, str(key), spec, default_dtype, default_map)
+        for key, spec in models_doc.items()
+    }
+    large = _string(doc["large"], where, "large")
+    if large not in models:
+        raise RegistryError(
+            f"{where}: large: {large!r} is not a key of models (models: {', '.join(models)})"
+        )
+    pairs_doc = doc.get("pairs") or {}
+    _require_mapping(pairs_doc, where, "pairs")
+    pairs = {str(k): _parse_pair(where, str(k), v, models, large) for k, v in pairs_doc.items()}
+    return Registry(
+        path=path,
+        sha256=sha256,
+        name=name,
+        description=str(doc.get("description") or ""),
+        default_device=default_device,
+        models=models,
+        large=large,
+        pairs=pairs,
+    )
+
+
+def _parse_model(path: Path, key: str, spec: Any, default_dtype: str, default_map: str | None):
+    where, at = str(path), f"models.{key}"
+    _require_mapping(spec, where, at)
+    _check_keys(spec, _MODEL_KEYS, where, at)
+    sources = [k for k in ("path", "hub", "placeholder") if k in spec]
+    if len(sources) != 1:
+        raise RegistryError(
+            f"{where}: {at} must have exactly one of path (local directory), hub (hub id) "
+            f"or placeholder (why it is unavailable); found {sources or 'none'}"
+        )
+    source = sources[0]
+    value = _string(spec[source], where, f"{at}.{source}")
+    if source == "path":
+        location = str((path.parent / Path(value).expanduser()).resolve())
+    elif source == "hub":
+        location = value
+    else:
+        location = ""
+    if "revision" in spec and source != "hub":
+        raise RegistryError(f"{where}: {at}.revision only applies to hub models")
+    device = _optional_string(spec.get("device"), where, f"{at}.device")
+    device_map = _optional_string(spec.get("device_map"), where, f"{at}.device_map")
+    if device is not None and device_map is not None:
+        raise RegistryError(f"{where}: {at} sets both device and device_map; keep one")
+    tokenizer = spec.get("tokenizer")
+    if tokenizer is not None:
+        tokenizer = _string(tokenizer, where, f"{at}.tokenizer")
+        local = path.parent / Path(tokenizer).expanduser()
+        if tokenizer.startswith((".", "/", "~")) or local.is_dir():
+            tokenizer = str(local.resolve())
+    return ModelSpec(
+        name=key,
+        location=location,
+        is_local=source == "path",
+        revision=_optional_string(spec.get("revision", "main" if source == "hub" else None), where, f"{at}.revision"),
+        tokenizer=tokenizer or location,
+        dtype=_dtype(spec.get("dtype", default_dtype), where, f"{at}.dtype"),
+        device=device,
+        device_map=device_map if device is not None or device_map is not None else default_map,
+        allow_pickle=_bool(spec.get("allow_pickle", False), where, f"{at}.allow_pickle"),
+        trust_remote_code=_bool(spec.get("trust_remote_code", False), where, f"{at}.trust_remote_code"),
+        placeholder=value if source == "placeholder" else None,
+    )
+
+
+def _parse_pair(where: str, key: str, spec: Any, models: dict[str, ModelSpec], large: str):
+    at = f"pairs.{key}"
+    _require_mapping(spec, where, at)
+    _check_keys(spec, _PAIR_KEYS, where, at)
+    for role in ("expert", "base"):
+        if role not in spec:
+            raise RegistryError(f"{where}: {at} is missing required key '{role}'")
+        if spec[role] not in models:
+            raise RegistryError(
+                f"{where}: {at}.{role}: {spec[role]!r} is not a key of models "
+                f"(models: {', '.join(models)})"
+            )
+        if spec[role] == large:
+            raise RegistryError(f"{where}: {at}.{role} is the large model {large!r}")
+    if spec["expert"] == spec["base"]:
+        raise RegistryError(f"{where}: {at}: expert and base are the same model {spec['base']!r}")
+    tasks = spec.get("tasks", [])
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise RegistryError(f"{where}: {at}.tasks must be a list of task names")
+    return PairSpec(
+        name=key,
+        expert=str(spec["expert"]),
+        base=str(spec["base"]),
+        tasks=tuple(tasks),
+        chat_template=_bool(spec.get("chat_template", False), where, f"{at}.chat_template"),
+    )
+
+
+def _require_mapping(value: Any, where: str, at: str) -> None:
+    if not isinstance(value, dict):
+        raise RegistryError(f"{where}: {at} must be a mapping, got {type(value).__name__}")
+
+
+def _check_keys(doc: dict, allowed: set[str], where: str, at: str) -> None:
+    unknown = sorted(str(k) for k in doc if k not in allowed)
+    if unknown:
+        raise RegistryError(
+            f"{where}: unknown key(s) {', '.join(unknown)} in {at}; valid keys: {', '.join(sorted(allowed))}"
+        )
+
+
+def _string(value: Any, where: str, at: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise RegistryError(f"{where}: {at} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _optional_string(value: Any, where: str, at: str) -> str | None:
+    return None if value is None else _string(value, where, at)
+
+
+def _bool(value: Any, where: str, at: str) -> bool:
+    if not isinstance(value, bool):
+        raise RegistryError(f"{where}: {at} must be true or false, got {value!r}")
+    return value
+
+
+def _dtype(value: Any, where: str, at: str) -> str:
+    if value not in DTYPES:
+        raise RegistryError(f"{where}: {at}: {value!r} is not one of {', '.join(DTYPES)}")
+    return value

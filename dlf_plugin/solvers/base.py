@@ -1,0 +1,132 @@
+"""The solver interface, and the checks dlf applies to every solver's answer.
+
+Shapes (N rows: positions being scored or sequences being decoded; P pairs; V the
+common vocabulary):
+
+    inputs.base_logits    [N, V]      large base model
+    inputs.small_logits   [N, P, V]   each pair's small base (a shared base repeats)
+    inputs.expert_logits  [N, P, V]   each pair's expert
+    inputs.row_mask       [N] bool    rows whose weights matter (others: any valid value)
+    solve(inputs)      -> [N, P]      weights, within ``self.bounds``, on the logits' device
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from dlf_plugin.fusion import FusionInputs
+
+
+class SolverError(RuntimeError):
+    """A solver failed or broke its contract; the message names the solver and its plugin."""
+
+
+class SolverOptionError(ValueError):
+    """A solver option from model_args is unknown or invalid."""
+
+
+class Solver(abc.ABC):
+    """Base class of fusion solvers.
+
+    Subclasses set ``name`` and take their options as keyword-only arguments of
+    ``__init__`` (they arrive from model_args, as strings or numbers), validate them
+    there and raise :class:`SolverOptionError` naming the option, and set
+    ``self.bounds = (low, high)``: every weight the solver returns lies in it.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, pair_names: Sequence[str]) -> None:
+        self.pair_names = tuple(pair_names)
+        self.bounds: tuple[float, float] = (0.0, math.inf)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The model_args keys this solver accepts."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+    def describe(self) -> dict[str, Any]:
+        """The solver's name and resolved options, recorded in results metadata."""
+        return {"name": self.name, "options": {n: getattr(self, n, None) for n in self.option_names()}}
+
+    @abc.abstractmethod
+    def solve(self, inputs: FusionInputs) -> torch.Tensor:
+        """Return the weights ``[N, P]`` for ``inputs`` (shapes in the module docstring).
+
+        Must not modify ``inputs``.
+        """
+
+
+def number_option(solver: str, option: str, value: Any, low: float = -math.inf, high: float = math.inf) -> float:
+    """Parse a numeric solver option, raising SolverOptionError that names it."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SolverOptionError(
+            f"model_args {option}={value!r} (solver {solver!r}) is not a number"
+        ) from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise SolverOptionError(
+            f"model_args {option}={value!r} (solver {solver!r}) must be a finite number in [{low}, {high}]"
+        )
+    return number
+
+
+def make_solver(name: str, pair_names: Sequence[str], options: dict[str, Any]) -> tuple[Solver, str]:
+    """Build the solver registered as ``name`` with ``options``; returns it and its plugin name.
+
+    Raises:
+        SolverOptionError: unknown solver name, unknown option or invalid value.
+    """
+    from dlf_plugin.hooks import get_solvers
+
+    solvers = get_solvers()
+    if name not in solvers:
+        raise SolverOptionError(
+            f"model_args solver={name!r} is not a registered solver; choose one of: "
+            f"{', '.join(sorted(solvers))} (third-party solvers come from installed plugins)"
+        )
+    cls, plugin = solvers[name]
+    accepted = cls.option_names()
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise SolverOptionError(
+            f"model_args: unknown option(s) {', '.join(unknown)} for solver {name!r} "
+            f"(plugin {plugin!r}); it accepts: {', '.join(accepted) or 'no options'}"
+        )
+    try:
+        return cls(pair_names, **options), plugin
+    except SolverOptionError:
+        raise
+    except Exception as exc:
+        raise SolverError(f"solver {name!r} (plugin {plugin!r}) failed to start: {exc!r}") from exc
+
+
+def checked_solve(solver: Solver, plugin: str, inputs: FusionInputs) -> torch.Tensor:
+    """Run ``solver`` and verify its answer: shape, finiteness and bounds. No fallback."""
+    where = f"solver {solver.name!r} (plugin {plugin!r})"
+    try:
+        weights = solver.solve(inputs)
+    except Exception as exc:
+        raise SolverError(f"{where} raised {exc!r}") from exc
+    rows, pairs = inputs.base_logits.shape[0], inputs.expert_logits.shape[1]
+    if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (rows, pairs):
+        shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise SolverError(f"{where} returned {shape}; expected a tensor of shape ({rows}, {pairs})")
+    low, high = solver.bounds
+    active = weights[inputs.row_mask]
+    bad = ~torch.isfinite(active) | (active < low) | (active > high)
+    if bool(bad.any()):
+        sample = active[bad][:3].tolist()
+        raise SolverError(
+            f"{where} returned {int(bad.sum())} weight(s) that are NaN, infinite or outside "
+            f"its bounds [{low}, {high}], e.g. {sample}"
+        )
+    return weights
