@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 # model_args that dlf itself reads (everything else goes to the solver) and HFLM's
 # that dlf passes through.
-DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace")
+DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement")
 PASSED_TO_HFLM = ("batch_size", "max_batch_size", "max_length", "add_bos_token", "prefix_token_id", "truncation", "logits_cache")
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k")
 
@@ -43,6 +43,9 @@ class DLFLM(HFLM):
             the large base alone.
         solver: a registered solver's name (default ``static``).
         dtype: overrides every model's registry dtype (auto, float32, float16, bfloat16).
+        trace: path of a JSONL file receiving the per-token weights of every generation.
+        placement: overrides every model's registry placement: a device (``cuda:1``,
+            ``cpu``) or ``auto`` (``device_map=auto``).
         device: from ``--device``: the device of models the registry places nowhere.
         **kwargs: HFLM batching options (batch_size, max_length, ...) and the solver's options.
     """
@@ -54,6 +57,7 @@ class DLFLM(HFLM):
         solver: str = "static",
         dtype: str | None = None,
         trace: str | None = None,
+        placement: str | None = None,
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -68,17 +72,13 @@ class DLFLM(HFLM):
 
         specs = self.registry.models_for(pair_specs)
         loading.check_sources(specs, self.registry.path)
+        placements = {s.name: loading.resolve_placement(s, placement, self.registry, device) for s in specs}
+        for name, (model_device, _) in placements.items():
+            loading.check_device(name, model_device, str(self.registry.path))
         tokenizers = loading.load_tokenizers(specs)
         loading.check_vocabularies(tokenizers, self.registry.large, self.registry.path)
 
-        loaded = {
-            spec.name: loading.load_model(
-                spec,
-                loading.resolve_device(spec, device, self.registry.default_device),
-                dtype or spec.dtype,
-            )
-            for spec in specs
-        }
+        loaded = {s.name: loading.load_model(s, *placements[s.name], dtype or s.dtype) for s in specs}
         self.loaded = loaded
         tokenizer = tokenizers[self.registry.large]
         super().__init__(pretrained=loaded[self.registry.large].model, tokenizer=tokenizer, **hflm_args)
@@ -250,8 +250,9 @@ def _split_experts(value: Any, available: list[str]) -> list[str]:
 def _reject_device(args: dict) -> None:
     if "device" in args:
         raise RegistryError(
-            "model_args: 'device' is not a dlf model argument; pass --device to lm_eval (or device= "
-            "to simple_evaluate) for every model, or set device/device_map per model in the registry"
+            "model_args: 'device' is not a dlf model argument; use model_args placement=<device or auto> "
+            "for every model, or set device/device_map per model in the registry (--device applies "
+            "where neither says)"
         )
 
 

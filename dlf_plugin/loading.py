@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from dlf_plugin.registry import ModelSpec, RegistryError
+from dlf_plugin.registry import ModelSpec, Registry, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +30,35 @@ class LoadedModel:
     provenance: dict
 
 
-def resolve_device(spec: ModelSpec, cli_device: str | None, registry_default: str | None) -> str:
-    """A model's device: its own registry entry, then ``--device``, then the registry default, then auto."""
-    if spec.device:
-        return spec.device
-    if cli_device:
-        return cli_device
-    if registry_default:
-        return registry_default
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_placement(
+    spec: ModelSpec, placement: str | None, registry: Registry, cli_device: str | None
+) -> tuple[str | None, str | None]:
+    """Where a model goes, as ``(device, device_map)``, exactly one of them set.
+
+    First match wins: model_args ``placement`` (a device, or ``auto`` for
+    ``device_map=auto``), the model's registry entry, the registry's defaults,
+    ``--device``, then CUDA when torch has it, else CPU.
+    """
+    if placement:
+        return (None, "auto") if placement == "auto" else (placement, None)
+    if spec.device or spec.device_map:
+        return spec.device, spec.device_map
+    if registry.default_device_map:
+        return None, registry.default_device_map
+    device = registry.default_device or cli_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, None
+
+
+def check_device(name: str, device: str | None, where: str) -> None:
+    """Fail before loading when a model is sent to an accelerator torch cannot use."""
+    if device is None:
+        return
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RegistryError(
+            f"{where}: model {name} is placed on {device!r} but torch has no CUDA device here; "
+            "pass model_args placement=cpu (or another device) or change the registry's device"
+        )
 
 
 def check_sources(specs: list[ModelSpec], registry_path: Path) -> None:
@@ -112,7 +132,7 @@ def torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def load_model(spec: ModelSpec, device: str, dtype: str) -> LoadedModel:
+def load_model(spec: ModelSpec, device: str | None, device_map: str | None, dtype: str) -> LoadedModel:
     """``from_pretrained`` one model, safetensors only unless the registry allows pickles."""
     kwargs = dict(
         dtype=torch_dtype(dtype),
@@ -121,17 +141,18 @@ def load_model(spec: ModelSpec, device: str, dtype: str) -> LoadedModel:
     )
     if spec.revision is not None:
         kwargs["revision"] = spec.revision
-    if spec.device_map is not None:
-        kwargs["device_map"] = spec.device_map
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     logger.info("dlf: loading %s from %s", spec.name, spec.location)
     model = transformers.AutoModelForCausalLM.from_pretrained(spec.location, **kwargs)
-    if spec.device_map is None:
+    if device_map is None:
         model.to(device)
     model.eval()
-    return LoadedModel(spec=spec, model=model, provenance=provenance(spec, model, device))
+    placed = device if device_map is None else f"device_map={device_map}"
+    return LoadedModel(spec=spec, model=model, provenance=provenance(spec, model, placed))
 
 
-def provenance(spec: ModelSpec, model, device: str) -> dict:
+def provenance(spec: ModelSpec, model, placed: str) -> dict:
     """What a results file records about one model: where from, which revision, which bytes."""
     record = {
         "source": spec.location,
@@ -139,7 +160,7 @@ def provenance(spec: ModelSpec, model, device: str) -> dict:
         "requested_revision": spec.revision,
         "resolved_revision": getattr(model.config, "_commit_hash", None),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "device": spec.device_map and f"device_map={spec.device_map}" or device,
+        "placement": placed,
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
     if spec.is_local:

@@ -10,7 +10,7 @@ A registry file looks like::
     description: ...                # optional
     defaults:                       # optional; model_args may override dtype
       dtype: float32                # auto | float32 | float16 | bfloat16
-      device: cpu                   # used when neither the model nor --device says
+      device: cpu                   # or device_map: auto; used where a model sets neither
     models:
       large-base: {path: ../models/toy/large-base}     # local dir, relative to this file
       small-base: {hub: org/name, revision: abc123}    # a hub id (revision: branch, tag, sha)
@@ -113,6 +113,7 @@ class Registry:
     name: str
     description: str
     default_device: str | None
+    default_device_map: str | None
     models: dict[str, ModelSpec]
     large: str
     pairs: dict[str, PairSpec]
@@ -206,11 +207,13 @@ def _parse(path: Path, sha256: str, doc: Any) -> Registry:
     default_dtype = _dtype(defaults.get("dtype", "auto"), where, "defaults.dtype")
     default_device = _optional_string(defaults.get("device"), where, "defaults.device")
     default_map = _optional_string(defaults.get("device_map"), where, "defaults.device_map")
+    if default_device is not None and default_map is not None:
+        raise RegistryError(f"{where}: defaults sets both device and device_map; keep one")
 
     models_doc = doc["models"]
     _require_mapping(models_doc, where, "models")
     models = {
-        str(key): _parse_model(path, str(key), spec, default_dtype, default_map)
+        str(key): _parse_model(path, str(key), spec, default_dtype)
         for key, spec in models_doc.items()
     }
     large = _string(doc["large"], where, "large")
@@ -227,13 +230,14 @@ def _parse(path: Path, sha256: str, doc: Any) -> Registry:
         name=name,
         description=str(doc.get("description") or ""),
         default_device=default_device,
+        default_device_map=default_map,
         models=models,
         large=large,
         pairs=pairs,
     )
 
 
-def _parse_model(path: Path, key: str, spec: Any, default_dtype: str, default_map: str | None):
+def _parse_model(path: Path, key: str, spec: Any, default_dtype: str):
     where, at = str(path), f"models.{key}"
     _require_mapping(spec, where, at)
     _check_keys(spec, _MODEL_KEYS, where, at)
@@ -271,7 +275,7 @@ def _parse_model(path: Path, key: str, spec: Any, default_dtype: str, default_ma
         tokenizer=tokenizer or location,
         dtype=_dtype(spec.get("dtype", default_dtype), where, f"{at}.dtype"),
         device=device,
-        device_map=device_map if device is not None or device_map is not None else default_map,
+        device_map=device_map,
         allow_pickle=_bool(spec.get("allow_pickle", False), where, f"{at}.allow_pickle"),
         trust_remote_code=_bool(spec.get("trust_remote_code", False), where, f"{at}.trust_remote_code"),
         placeholder=value if source == "placeholder" else None,
