@@ -1,0 +1,12 @@
+# Sourced by demo.sh and test.sh: creates (once) and activates .venv with dlf installed.
+# torch is pinned here, not in the package: 2.13.0 is the local CPU build; users bring their own.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

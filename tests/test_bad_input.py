@@ -1,0 +1,177 @@
+"""Bad input: a clear error naming the file, key or argument, raised before any model loads."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from dlf_plugin import loading
+from dlf_plugin.lm import DLFLM
+from dlf_plugin.registry import RegistryError, load_registry
+from dlf_plugin.solvers.base import SolverOptionError
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fails the test if any model's weights are loaded."""
+    calls = []
+
+    def refuse(spec, *args, **kwargs):
+        calls.append(spec.name)
+        raise AssertionError(f"model {spec.name} was loaded before the error")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    return calls
+
+
+def write_registry(tmp_path, tiny_world, edit) -> str:
+    doc = yaml.safe_load(tiny_world["registry"].read_text())
+    for spec in doc["models"].values():
+        spec["path"] = str(tiny_world["root"] / spec["path"])
+    edit(doc)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def build(registry, **kwargs):
+    return DLFLM(registry=registry, **kwargs)
+
+
+def test_missing_registry_file(tmp_path, no_model_loads):
+    missing = tmp_path / "nowhere.yaml"
+    with pytest.raises(RegistryError, match=f"registry file {missing} does not exist"):
+        build(str(missing))
+
+
+def test_unknown_shipped_registry_name(no_model_loads):
+    with pytest.raises(RegistryError, match=r"no shipped registry named 'nope'.*toy"):
+        build("nope")
+
+
+def test_yaml_syntax_error(tmp_path, no_model_loads):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nmodels: {a: [1, 2\n")
+    with pytest.raises(RegistryError, match=f"registry file {path} is not valid YAML"):
+        build(str(path))
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d.update(colour="blue"), r"unknown key\(s\) colour in the top level"),
+        (lambda d: d["models"]["large"].update(revison="x"), r"unknown key\(s\) revison in models.large"),
+        (lambda d: d["pairs"]["a1"].update(weight=2), r"unknown key\(s\) weight in pairs.a1"),
+        (lambda d: d["pairs"]["a1"].update(base="small-z"), r"pairs.a1.base: 'small-z' is not a key of models"),
+        (lambda d: d.update(large="huge"), r"large: 'huge' is not a key of models"),
+        (lambda d: d["models"]["large"].update(hub="org/x"), r"models.large must have exactly one of path"),
+        (lambda d: d["models"]["large"].update(dtype="float8"), r"models.large.dtype: 'float8' is not one of"),
+        (lambda d: d["models"]["large"].update(trust_remote_code="yes"), r"models.large.trust_remote_code must be true or false"),
+    ],
+)
+def test_invalid_registry_content_names_file_and_key(tmp_path, tiny_world, no_model_loads, edit, message):
+    path = write_registry(tmp_path, tiny_world, edit)
+    with pytest.raises(RegistryError, match=message) as info:
+        build(path, experts="a1")
+    assert path in str(info.value)
+
+
+def test_expert_not_in_registry(tiny_world, no_model_loads):
+    with pytest.raises(RegistryError, match=r"experts: 'gsm8k' is not an expert pair of registry .*valid names: a1, a2, b, foreign"):
+        build(str(tiny_world["registry"]), experts="a1+gsm8k")
+
+
+def test_pair_whose_tokenizer_differs(tiny_world, no_model_loads):
+    with pytest.raises(RegistryError, match=r"tokenizer of models.foreign differs from the large model's"):
+        build(str(tiny_world["registry"]), experts="foreign")
+
+
+def test_placeholder_model(tmp_path, tiny_world, no_model_loads):
+    def edit(doc):
+        doc["models"]["expert-a1"] = {"placeholder": "unpublished checkpoint"}
+
+    path = write_registry(tmp_path, tiny_world, edit)
+    with pytest.raises(RegistryError, match=r"models.expert-a1 is a placeholder \(unpublished checkpoint\)"):
+        build(path, experts="a1")
+
+
+def test_pickled_weights_refused_unless_allowed(tmp_path, tiny_world, no_model_loads):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_world["root"] / "expert-a1", folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+
+    def edit(doc):
+        doc["models"]["expert-a1"] = {"path": str(folder)}
+
+    with pytest.raises(RegistryError, match=r"models.expert-a1.path .* has no .safetensors weights.*allow_pickle"):
+        build(write_registry(tmp_path, tiny_world, edit), experts="a1")
+
+
+def test_unknown_solver(tiny_world, no_model_loads):
+    with pytest.raises(SolverOptionError, match=r"solver='telepathy' is not a registered solver; choose one of: .*static"):
+        build(str(tiny_world["registry"]), experts="a1", solver="telepathy")
+
+
+@pytest.mark.parametrize("value", [-1, "-0.5", "nan", float("nan"), "inf", "heavy"])
+def test_bad_static_weight(tiny_world, no_model_loads, value):
+    with pytest.raises(SolverOptionError, match=r"model_args weight="):
+        build(str(tiny_world["registry"]), experts="a1", weight=value)
+
+
+def test_bad_per_pair_weights(tiny_world, no_model_loads):
+    with pytest.raises(SolverOptionError, match=r"weights='zz:1.0'.*one of the chosen experts \(a1\)"):
+        build(str(tiny_world["registry"]), experts="a1", weights="zz:1.0")
+    with pytest.raises(SolverOptionError, match=r"weights \(a1\)"):
+        build(str(tiny_world["registry"]), experts="a1", weights="a1:-2")
+
+
+def test_unknown_model_arg(tiny_world, no_model_loads):
+    with pytest.raises(SolverOptionError, match=r"unknown key\(s\) parallelize; dlf accepts registry, experts"):
+        build(str(tiny_world["registry"]), experts="a1", parallelize=True)
+
+
+def test_device_inside_model_args(tiny_world, no_model_loads):
+    args = f"registry={tiny_world['registry']},experts=a1,device=cpu"
+    with pytest.raises(RegistryError, match=r"model_args: 'device' is not a dlf model argument.*placement="):
+        DLFLM.create_from_arg_string(args, {"batch_size": 1, "device": None})
+    with pytest.raises(RegistryError, match=r"'device' is not a dlf model argument"):
+        DLFLM.create_from_arg_obj({"registry": str(tiny_world["registry"]), "device": "cpu"}, {})
+
+
+def test_cuda_placement_without_cuda(tiny_world, no_model_loads):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RegistryError, match=r"model large is placed on 'cuda:0' but torch has no CUDA"):
+        build(str(tiny_world["registry"]), experts="a1", placement="cuda:0")
+
+
+def test_bad_dtype_override(tiny_world, no_model_loads):
+    with pytest.raises(RegistryError, match=r"model_args dtype='float64' is not one of"):
+        build(str(tiny_world["registry"]), experts="a1", dtype="float64")
+
+
+def test_registry_loads_without_torch(tiny_world):
+    """Reading a registry imports no torch: it must run before anything heavy."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from dlf_plugin.registry import load_registry; "
+        f"r = load_registry({str(tiny_world['registry'])!r}); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(sorted(r.pairs))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['a1', 'a2', 'b', 'foreign']"
+
+
+def test_shipped_registries_are_valid():
+    toy = load_registry("toy")
+    assert toy.large == "large-base" and set(toy.pairs) == {"qa", "mc"}
+    paper = load_registry("paper")
+    assert paper.models[paper.large].location == "meta-llama/Llama-2-13b-hf"
+    assert {paper.pairs[p].base for p in paper.pairs} == {"llama-2-7b", "tinyllama-1.1b"}
+    assert all(paper.models[p.expert].placeholder for p in paper.pairs.values())

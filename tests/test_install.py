@@ -1,0 +1,139 @@
+"""Installing dlf into fresh virtual environments, then the real ``lm_eval`` command in a subprocess.
+
+Each environment gets dlf alone (``pip install --no-deps``, regular and editable);
+its dependencies are borrowed from the test interpreter's site-packages through a
+path-only .pth line, which leaves that site's own .pth hooks (and its dlf) inactive.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": ""}
+
+
+def make_env(root: Path, editable: bool) -> Path:
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    parents = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (site / "_borrowed_dependencies.pth").write_text("".join(f"{p}\n" for p in parents))
+    cmd = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run(cmd + (["-e", str(REPO)] if editable else [str(REPO)]), check=True, env=ENV, cwd=root)
+    return python
+
+
+@pytest.fixture(scope="module", params=["regular", "editable"])
+def installed(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"venv-{request.param}")
+    return request.param, make_env(root / "env", editable=request.param == "editable"), root
+
+
+def run(python: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(python), *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300)
+
+
+def test_install_resolves_dlf_and_keeps_builtin_models(installed):
+    kind, python, root = installed
+    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=root).stdout.strip())
+    assert (site / "dlf_plugin.pth").read_text() == "import dlf_plugin.startup\n"
+    code = (
+        "import dlf_plugin, sys; from lm_eval.api.registry import get_model; "
+        "print(get_model('dlf').__module__, get_model('hf').__name__, get_model('dummy').__name__, "
+        "'dlf_plugin.lm' in sys.modules or 'lazy', dlf_plugin.__file__)"
+    )
+    out = run(python, "-c", code, cwd=root)
+    assert out.returncode == 0, out.stderr
+    module, hf, dummy, _, location = out.stdout.split()
+    assert (module, hf, dummy) == ("dlf_plugin.lm", "HFLM", "DummyLM")
+    assert location.startswith(str(REPO) if kind == "editable" else str(site))
+    # Start-up stays light: the hook imports neither torch nor lm-eval.
+    light = run(python, "-c", "import sys; print('torch' in sys.modules, 'lm_eval' in sys.modules)", cwd=root)
+    assert light.stdout.split() == ["False", "False"]
+    # The entry point newer lm-eval releases read.
+    eps = run(python, "-c", "from importlib.metadata import entry_points as e; print([x.value for x in e(group='lm_eval.models') if x.name == 'dlf'])", cwd=root)
+    assert eps.stdout.strip() == "['dlf_plugin.lm:DLFLM']"
+
+
+def _results(out_dir: Path) -> dict:
+    [path] = glob.glob(str(out_dir / "**" / "results_*.json"), recursive=True)
+    return json.loads(Path(path).read_text())
+
+
+def test_lm_eval_command_runs_dlf_and_records_metadata(installed, tiny_world):
+    kind, python, root = installed
+    if kind == "editable":
+        pytest.skip("the command is run once, in the regular install")
+    out_dir = root / "results"
+    args = [
+        "-m", "lm_eval", "run", "--model", "dlf",
+        "--model_args", f"registry={tiny_world['registry']},experts=a1+b,solver=static,weight=0.5",
+        "--tasks", "toy_demo_qa,toy_demo_mc", "--include_path", str(REPO / "tasks"),
+        "--limit", "3", "--batch_size", "2", "--output_path", str(out_dir), "--log_samples",
+        "--use_cache", str(root / "cache"),
+    ]
+    first = run(python, *args, cwd=root)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = _results(out_dir)
+    meta = results["config"]["dlf"]
+    assert meta["registry"]["sha256"] == hashlib.sha256(tiny_world["registry"].read_bytes()).hexdigest()
+    assert meta["registry"]["path"] == str(tiny_world["registry"])
+    assert [p["name"] for p in meta["pairs"]] == ["a1", "b"]
+    assert meta["pairs"][1] == {"name": "b", "expert": "expert-b", "base": "small-b", "tasks": ["toy_demo_qa"], "chat_template": False}
+    assert set(meta["models"]) == {"large", "small-a", "small-b", "expert-a1", "expert-b"}
+    large = meta["models"]["large"]
+    assert large["source"] == str(tiny_world["root"] / "large") and len(large["content_sha256"]) == 64
+    assert meta["solver"] == {"name": "static", "options": {"weight": 0.5, "weights": None}, "plugin": "dlf_plugin.solvers.builtin"}
+    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=root).stdout.strip())
+    version = run(python, "-c", "import dlf_plugin; print(dlf_plugin.__version__)", cwd=root).stdout.strip()
+    assert meta["dlf_version"] == version and meta["versions"]["lm_eval"]
+    assert set(results["results"]) == {"toy_demo_qa", "toy_demo_mc"}
+    assert glob.glob(str(out_dir / "**" / "samples_toy_demo_qa_*.jsonl"), recursive=True)
+    assert glob.glob(str(root / "cache*.db"))
+
+    # --use_cache: a second run answers from the cache, with the same numbers.
+    second = run(python, *args, cwd=root)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Cached requests" in second.stderr + second.stdout
+    again = sorted(glob.glob(str(out_dir / "**" / "results_*.json"), recursive=True))[-1]
+    assert json.loads(Path(again).read_text())["results"] == results["results"]
+    assert site.is_dir()
+
+
+def test_lm_eval_default_toy_registry_and_hf_model(installed, tiny_world):
+    """The shipped toy registry travels with a regular install; --model hf still works beside dlf."""
+    kind, python, root = installed
+    if kind == "editable":
+        pytest.skip("run once, in the regular install")
+    toy = run(python, "-m", "lm_eval", "run", "--model", "dlf", "--model_args", "experts=qa+mc",
+              "--tasks", "toy_demo_mc", "--include_path", str(REPO / "tasks"), "--limit", "2", cwd=root)
+    assert toy.returncode == 0, toy.stderr[-3000:]
+    assert "toy_demo_mc" in toy.stdout
+    hf = run(python, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={tiny_world['root'] / 'large'}",
+             "--device", "cpu", "--tasks", "toy_demo_mc", "--include_path", str(REPO / "tasks"), "--limit", "2", cwd=root)
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    assert "toy_demo_mc" in hf.stdout
+
+
+def test_bad_input_through_the_command_writes_nothing(installed, tiny_world):
+    kind, python, root = installed
+    if kind == "editable":
+        pytest.skip("run once, in the regular install")
+    out_dir = root / "bad-results"
+    bad = run(python, "-m", "lm_eval", "run", "--model", "dlf",
+              "--model_args", f"registry={tiny_world['registry']},experts=a1,weight=-1",
+              "--tasks", "toy_demo_mc", "--include_path", str(REPO / "tasks"), "--output_path", str(out_dir), cwd=root)
+    assert bad.returncode != 0
+    assert "model_args weight=-1" in bad.stderr
+    assert not out_dir.exists()
