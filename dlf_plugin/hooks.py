@@ -59,7 +59,7 @@ def collect_solvers(pm: pluggy.PluginManager) -> dict[str, tuple[type, str]]:
     from dlf_plugin.solvers.base import Solver
 
     found: dict[str, tuple[type, str]] = {}
-    for impl in reversed(pm.hook.register_solvers.get_hookimpls()):
+    for impl in pm.hook.register_solvers.get_hookimpls():  # registration order: built-ins first
         plugin_name = impl.plugin_name
 
         def register(solver_cls, _plugin=plugin_name):
@@ -81,6 +81,12 @@ def collect_solvers(pm: pluggy.PluginManager) -> dict[str, tuple[type, str]]:
 
         impl.function(register=register)
     return found
+
+
+def reset_solvers() -> None:
+    """Collect the solvers again on next use (after registering or removing a plugin)."""
+    global _solvers
+    _solvers = None
 
 
 def reset() -> None:

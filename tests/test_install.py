@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,22 +23,33 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": ""}
 
 
+def source_copy(src: Path, dest: Path) -> Path:
+    """Build from a copy: setuptools writes egg-info and build/ beside the sources it builds."""
+    skip = shutil.ignore_patterns(".venv*", ".git", "build", "out", "*.egg-info", "__pycache__", ".hypothesis")
+    shutil.copytree(src, dest, ignore=skip)
+    return dest
+
+
 def make_env(root: Path, editable: bool) -> Path:
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "env")], check=True)
+    source = source_copy(REPO, root / "src")
+    root = root / "env"
     python = root / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     parents = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     (site / "_borrowed_dependencies.pth").write_text("".join(f"{p}\n" for p in parents))
     cmd = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-build-isolation"]
-    subprocess.run(cmd + (["-e", str(REPO)] if editable else [str(REPO)]), check=True, env=ENV, cwd=root)
+    subprocess.run(cmd + (["-e", str(source)] if editable else [str(source)]), check=True, env=ENV, cwd=root)
+    if not editable:  # a third-party solver package, discovered through its entry point
+        subprocess.run(cmd + [str(source / "tests" / "example_solver_plugin")], check=True, env=ENV, cwd=root)
     return python
 
 
 @pytest.fixture(scope="module", params=["regular", "editable"])
 def installed(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"venv-{request.param}")
-    return request.param, make_env(root / "env", editable=request.param == "editable"), root
+    return request.param, make_env(root, editable=request.param == "editable"), root
 
 
 def run(python: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -57,7 +69,7 @@ def test_install_resolves_dlf_and_keeps_builtin_models(installed):
     assert out.returncode == 0, out.stderr
     module, hf, dummy, _, location = out.stdout.split()
     assert (module, hf, dummy) == ("dlf_plugin.lm", "HFLM", "DummyLM")
-    assert location.startswith(str(REPO) if kind == "editable" else str(site))
+    assert location.startswith(str(root / "src") if kind == "editable" else str(site))
     # Start-up stays light: the hook imports neither torch nor lm-eval.
     light = run(python, "-c", "import sys; print('torch' in sys.modules, 'lm_eval' in sys.modules)", cwd=root)
     assert light.stdout.split() == ["False", "False"]
@@ -137,3 +149,52 @@ def test_bad_input_through_the_command_writes_nothing(installed, tiny_world):
     assert bad.returncode != 0
     assert "model_args weight=-1" in bad.stderr
     assert not out_dir.exists()
+
+
+def test_third_party_solver_package_through_the_command(installed, tiny_world):
+    """tests/example_solver_plugin, pip-installed, is found by its entry point and really used."""
+    kind, python, root = installed
+    if kind == "editable":
+        pytest.skip("the example plugin is installed in the regular environment")
+    out_dir = root / "plugin-results"
+    result = run(python, "-m", "lm_eval", "run", "--model", "dlf",
+                 "--model_args", f"registry={tiny_world['registry']},experts=a1+b,solver=example-agreement,scale=0.5",
+                 "--tasks", "toy_demo_mc", "--include_path", str(REPO / "tasks"), "--limit", "3",
+                 "--output_path", str(out_dir), "--log_samples", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = _results(out_dir)["config"]["dlf"]["solver"]
+    assert meta == {"name": "example-agreement", "options": {"scale": 0.5}, "plugin": "example"}
+
+    # The same requests in-process, with the same solver class registered by hand.
+    sys.path.insert(0, str(REPO / "tests" / "example_solver_plugin"))
+    import dlf_example_solver
+    from lm_eval.api.instance import Instance
+
+    from dlf_plugin import hooks
+    from dlf_plugin.lm import DLFLM
+
+    [samples] = glob.glob(str(out_dir / "**" / "samples_toy_demo_mc_*.jsonl"), recursive=True)
+    rows = [json.loads(line) for line in Path(samples).read_text().splitlines()]
+    requests, logged = [], []
+    for row in rows:
+        for args, resp in zip(row["arguments"].values(), row["filtered_resps"]):
+            requests.append(Instance("loglikelihood", None, (args["arg_0"], args["arg_1"]), len(requests)))
+            logged.append(float(resp[0]))
+
+    class Plugin:
+        @hooks.hookspecs.hookimpl
+        def register_solvers(self, register):
+            register(dlf_example_solver.AgreementSolver)
+
+    pm = hooks.get_plugin_manager()
+    pm.register(Plugin(), name="example-in-process")
+    hooks.reset_solvers()
+    try:
+        lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="example-agreement", scale=0.5)
+        ours = [lp for lp, _ in lm.loglikelihood(requests)]
+    finally:
+        pm.unregister(name="example-in-process")
+        hooks.reset_solvers()
+    assert ours == pytest.approx(logged, rel=1e-5, abs=1e-4)
+    static = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", weight=0.5)
+    assert [lp for lp, _ in static.loglikelihood(requests)] != pytest.approx(logged, rel=1e-5, abs=1e-4)
