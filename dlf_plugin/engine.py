@@ -49,8 +49,8 @@ class Sampling:
 # Called once per step with the list of rows still running and their generated ids;
 # returns the rows (a subset) that must stop now.
 StopCheck = Callable[[list[int], list[list[int]]], set[int]]
-# Receives each step's fused result and the rows it was computed for.
-StepObserver = Callable[[Fused, torch.Tensor], None]
+# Receives each decoding step's fused result, the rows still running ([B] bool) and the chosen tokens ([B]).
+StepObserver = Callable[[Fused, torch.Tensor, torch.Tensor], None]
 
 
 class FusionEngine:
@@ -193,10 +193,10 @@ class FusionEngine:
             fused = self._fuse_rows(
                 logits[self.large], [logits[b] for b in self.bases], [logits[e] for e in self.experts], ~done
             )
-            if self.observer is not None:
-                self.observer(fused, ~done)
             next_ids = choose_tokens(fused.logits, sampling)
             next_ids = torch.where(done, torch.full_like(next_ids, pad_token_id), next_ids)
+            if self.observer is not None:
+                self.observer(fused, ~done, next_ids)
             out.append(next_ids.unsqueeze(1))
             host_ids = next_ids.tolist()  # one host sync per step: stop strings need the tokens
             running = [i for i in range(batch) if not finished[i]]

@@ -24,6 +24,7 @@ from dlf_plugin import loading
 from dlf_plugin.engine import FusionEngine, Pair, Sampling
 from dlf_plugin.registry import DTYPES, RegistryError, load_registry
 from dlf_plugin.solvers.base import SolverOptionError, make_solver
+from dlf_plugin.trace import TraceWriter
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class DLFLM(HFLM):
             solver=solver_obj,
             plugin=plugin,
         )
-        self.trace_path = trace
+        self.tracer = TraceWriter(trace, [p.name for p in pair_specs], self.tok_decode) if trace else None
 
     # -- construction from lm-eval's model_args ---------------------------------------------
 
@@ -163,7 +164,10 @@ class DLFLM(HFLM):
             for i, (row, (start, end)) in enumerate(zip(rows, spans)):
                 input_ids[i, : len(row)] = torch.tensor(row)
                 positions[i, start:end] = True
-            log_probs = F.log_softmax(self.engine.score(input_ids, positions).logits, dim=-1)
+            fused = self.engine.score(input_ids, positions)
+            log_probs = F.log_softmax(fused.logits, dim=-1)
+            if self.tracer is not None:
+                self._trace_scores(chunk, fused)
             offset = 0
             for (request_str, ctx_tokens, cont_toks), (start, end) in zip(chunk, spans):
                 row_logits = log_probs[offset : offset + end - start].unsqueeze(0)  # [1, cont, V]
@@ -183,6 +187,16 @@ class DLFLM(HFLM):
         pbar.close()
         return re_ord.get_original(results)
 
+    def _trace_scores(self, chunk, fused) -> None:
+        ids = self.tracer.new_requests(len(chunk))
+        requests, positions, tokens, prompts = [], [], [], []
+        for request, (strings, _, continuation) in zip(ids, chunk):
+            requests += [request] * len(continuation)
+            positions += list(range(len(continuation)))
+            tokens += list(continuation)
+            prompts += [strings[0] if strings else None] + [None] * (len(continuation) - 1)
+        self.tracer.write("score", list(range(len(tokens))), requests, positions, tokens, fused, prompts)
+
     # -- generation -----------------------------------------------------------------------
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
@@ -200,15 +214,31 @@ class DLFLM(HFLM):
                 if any(s in self.tokenizer.decode(ids[-(longest + 4) :]) for s in stop_strings)
             }
 
-        return self.engine.generate(
-            context,
-            attention_mask,
-            max_new_tokens=max_length - context.shape[1],
-            sampling=sampling,
-            eos_token_id=self.eot_token_id,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
-            stop_check=stop_check,
-        )
+        if self.tracer is not None:
+            ids, step = self.tracer.new_requests(context.shape[0]), [0]
+
+            prompts = [self.tok_decode(row[mask.bool()].tolist()) for row, mask in zip(context, attention_mask)]
+
+            def observe(fused, running, next_ids):
+                rows = running.nonzero().flatten().tolist()
+                tokens = next_ids.tolist()
+                first = [prompts[r] for r in rows] if step[0] == 0 else None
+                self.tracer.write("generate", rows, [ids[r] for r in rows], [step[0]] * len(rows), [tokens[r] for r in rows], fused, first)
+                step[0] += 1
+
+            self.engine.observer = observe
+        try:
+            return self.engine.generate(
+                context,
+                attention_mask,
+                max_new_tokens=max_length - context.shape[1],
+                sampling=sampling,
+                eos_token_id=self.eot_token_id,
+                pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
+                stop_check=stop_check,
+            )
+        finally:
+            self.engine.observer = None
 
     # -- results metadata -----------------------------------------------------------------
 

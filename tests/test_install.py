@@ -46,10 +46,25 @@ def make_env(root: Path, editable: bool) -> Path:
     return python
 
 
-@pytest.fixture(scope="module", params=["regular", "editable"])
+_ENVS: dict[str, tuple] = {}
+
+
+def environment(kind: str, tmp_path_factory):
+    """One fresh environment per kind per session, built on first use."""
+    if kind not in _ENVS:
+        root = tmp_path_factory.mktemp(f"venv-{kind}")
+        _ENVS[kind] = (kind, make_env(root, editable=kind == "editable"), root)
+    return _ENVS[kind]
+
+
+@pytest.fixture(params=["regular", "editable"])
 def installed(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"venv-{request.param}")
-    return request.param, make_env(root, editable=request.param == "editable"), root
+    return environment(request.param, tmp_path_factory)
+
+
+@pytest.fixture
+def regular(tmp_path_factory):
+    return environment("regular", tmp_path_factory)
 
 
 def run(python: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -83,10 +98,8 @@ def _results(out_dir: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def test_lm_eval_command_runs_dlf_and_records_metadata(installed, tiny_world):
-    kind, python, root = installed
-    if kind == "editable":
-        pytest.skip("the command is run once, in the regular install")
+def test_lm_eval_command_runs_dlf_and_records_metadata(regular, tiny_world):
+    kind, python, root = regular
     out_dir = root / "results"
     args = [
         "-m", "lm_eval", "run", "--model", "dlf",
@@ -123,11 +136,9 @@ def test_lm_eval_command_runs_dlf_and_records_metadata(installed, tiny_world):
     assert site.is_dir()
 
 
-def test_lm_eval_default_toy_registry_and_hf_model(installed, tiny_world):
+def test_lm_eval_default_toy_registry_and_hf_model(regular, tiny_world):
     """The shipped toy registry travels with a regular install; --model hf still works beside dlf."""
-    kind, python, root = installed
-    if kind == "editable":
-        pytest.skip("run once, in the regular install")
+    kind, python, root = regular
     toy = run(python, "-m", "lm_eval", "run", "--model", "dlf", "--model_args", "experts=qa+mc",
               "--tasks", "toy_demo_mc", "--include_path", str(REPO / "tasks"), "--limit", "2", cwd=root)
     assert toy.returncode == 0, toy.stderr[-3000:]
@@ -138,10 +149,8 @@ def test_lm_eval_default_toy_registry_and_hf_model(installed, tiny_world):
     assert "toy_demo_mc" in hf.stdout
 
 
-def test_bad_input_through_the_command_writes_nothing(installed, tiny_world):
-    kind, python, root = installed
-    if kind == "editable":
-        pytest.skip("run once, in the regular install")
+def test_bad_input_through_the_command_writes_nothing(regular, tiny_world):
+    kind, python, root = regular
     out_dir = root / "bad-results"
     bad = run(python, "-m", "lm_eval", "run", "--model", "dlf",
               "--model_args", f"registry={tiny_world['registry']},experts=a1,weight=-1",
@@ -151,11 +160,9 @@ def test_bad_input_through_the_command_writes_nothing(installed, tiny_world):
     assert not out_dir.exists()
 
 
-def test_third_party_solver_package_through_the_command(installed, tiny_world):
+def test_third_party_solver_package_through_the_command(regular, tiny_world):
     """tests/example_solver_plugin, pip-installed, is found by its entry point and really used."""
-    kind, python, root = installed
-    if kind == "editable":
-        pytest.skip("the example plugin is installed in the regular environment")
+    kind, python, root = regular
     out_dir = root / "plugin-results"
     result = run(python, "-m", "lm_eval", "run", "--model", "dlf",
                  "--model_args", f"registry={tiny_world['registry']},experts=a1+b,solver=example-agreement,scale=0.5",

@@ -1,0 +1,110 @@
+"""Per-token traces of fusion weights (model_args ``trace=PATH``) and their plot.
+
+Each line of the JSONL file is one fused position::
+
+    {"kind": "generate", "request": 3, "position": 0, "token": 417, "text": " Os",
+     "weights": {"gsm8k-7b": 0.83, "triviaqa-7b": 0.0}, "loss": 0.0012}
+
+``kind`` is ``generate`` (a generated token) or ``score`` (a scored continuation
+token); ``request`` numbers the prompts in the order dlf processed them (lm-eval sorts
+requests by length), and a request's first line also carries its ``prompt`` text;
+``loss`` is the DLF objective at the weights used. ``dlf-trace-plot`` draws the weights over one
+generation, as in the paper's case study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from dlf_plugin.fusion import FusionInputs, dlf_loss
+
+
+class TraceWriter:
+    """Appends trace lines to ``path`` (truncated when the model is built)."""
+
+    def __init__(self, path: str | Path, pair_names: list[str], decode) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        self.pair_names = pair_names
+        self.decode = decode
+        self.requests = 0
+
+    def new_requests(self, count: int) -> list[int]:
+        ids = list(range(self.requests, self.requests + count))
+        self.requests += count
+        return ids
+
+    def write(self, kind, rows, requests, positions, tokens, fused, prompts=None) -> None:
+        """One line for each of ``rows`` of ``fused`` (an engine ``Fused``); ``prompts``, if given,
+        adds each row's prompt text (dlf gives it on a request's first line)."""
+        index = torch.tensor(rows, dtype=torch.long, device=fused.weights.device)
+        inputs = FusionInputs(*(t.index_select(0, index) for t in (
+            fused.inputs.base_logits, fused.inputs.small_logits, fused.inputs.expert_logits, fused.inputs.row_mask)))
+        weights = fused.weights.index_select(0, index)
+        losses = dlf_loss(inputs, weights).tolist() if self.pair_names else [0.0] * len(rows)
+        weights = weights.tolist()
+        with self.path.open("a") as handle:
+            for row, (request, position, token) in enumerate(zip(requests, positions, tokens)):
+                record = {
+                    "kind": kind,
+                    "request": request,
+                    "position": position,
+                    "token": token,
+                    "text": self.decode([token]),
+                    "weights": dict(zip(self.pair_names, weights[row])),
+                    "loss": losses[row],
+                }
+                if prompts is not None and prompts[row] is not None:
+                    record["prompt"] = prompts[row]
+                handle.write(json.dumps(record) + "\n")
+
+
+def read(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot(records: list[dict], request: int, out: str | Path, kind: str = "generate") -> Path:
+    """Render the weights of one request's tokens to a PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for r in records if r["request"] == request and r["kind"] == kind), key=lambda r: r["position"])
+    if not rows:
+        available = sorted({r["request"] for r in records if r["kind"] == kind})
+        raise SystemExit(f"no {kind} trace for request {request}; requests in the file: {available[:20]}")
+    pairs = list(rows[0]["weights"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 3.2))
+    for pair in pairs:
+        ax.plot([r["position"] for r in rows], [r["weights"][pair] for r in rows], marker="o", label=pair)
+    ax.set_xticks([r["position"] for r in rows])
+    ax.set_xticklabels([repr(r["text"])[1:-1] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("fusion weight")
+    ax.set_title(f"dlf weights per token, request {request}")
+    if pairs:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="dlf-trace-plot", description="Plot dlf fusion weights over one generation.")
+    parser.add_argument("trace", help="JSONL file written with model_args trace=PATH")
+    parser.add_argument("--request", type=int, default=0, help="which request (default 0)")
+    parser.add_argument("--kind", choices=["generate", "score"], default="generate")
+    parser.add_argument("--out", default=None, help="PNG path (default: TRACE-requestN.png)")
+    args = parser.parse_args(argv)
+    if not Path(args.trace).is_file():
+        parser.error(f"trace file {args.trace} does not exist")
+    out = args.out or str(Path(args.trace).with_suffix("")) + f"-request{args.request}.png"
+    print(plot(read(args.trace), args.request, out, args.kind))
+
