@@ -60,8 +60,17 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tenso
 
 
 def kl_targets(small_logits: torch.Tensor, expert_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair, a_k = KL(R_k || Q_k) and b_k = KL(Q_k || R_k); each ``[N, P]``."""
-    return kl_divergence(expert_logits, small_logits), kl_divergence(small_logits, expert_logits)
+    """Per pair, a_k = KL(R_k || Q_k) and b_k = KL(Q_k || R_k); each ``[N, P]``.
+
+    Both from one log-softmax of each model: with r = log R - log Q,
+    a = E_R[r] and b = -E_Q[r].
+    """
+    log_q = torch.log_softmax(small_logits, dim=-1)
+    log_r = torch.log_softmax(expert_logits, dim=-1)
+    ratio = log_r - log_q
+    a = (log_r.exp_() * ratio).sum(-1)
+    b = -(log_q.exp_() * ratio).sum(-1)
+    return a.clamp_min(0.0), b.clamp_min(0.0)
 
 
 def fusion_kls(base_logits: torch.Tensor, fused_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,14 +90,61 @@ def dlf_loss(inputs: FusionInputs, weights: torch.Tensor) -> torch.Tensor:
     return centroid_loss(*fusion_kls(inputs.base_logits, fused), a, b)
 
 
+def centre_deltas(base_logits: torch.Tensor, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dc = d - E_P[d], E_P[d] and Var_P[d]: ``[N, V] x [N, P, V] -> ([N, P, V], [N, P], [N, P])``.
+
+    Shifting d by a constant leaves the tilt softmax(z + t d) unchanged; centring it
+    makes E_P[dc] = 0, which keeps the raw moments below free of cancellation near t = 0.
+    """
+    p0 = torch.softmax(base_logits, dim=-1).unsqueeze(-1)  # [N, V, 1]
+    mean = (deltas @ p0).squeeze(-1)  # [N, P]
+    centred = deltas - mean.unsqueeze(-1)
+    var = ((centred * centred) @ p0).squeeze(-1)
+    return centred, mean, var
+
+
+def moment_powers(centred: torch.Tensor, order: int) -> torch.Tensor:
+    """Rows dc^1 .. dc^order of the centred deltas: ``[..., V] -> [..., order, V]``."""
+    if order == 1:
+        return centred.unsqueeze(-2)
+    out = centred.new_empty(*centred.shape[:-1], order, centred.shape[-1])
+    out[..., 0, :] = centred
+    for j in range(1, order):
+        torch.mul(out[..., j - 1, :], centred, out=out[..., j, :])
+    return out
+
+
+def tilt_moments(base_logits, centred, t, powers, out=None):
+    """One pass over the vocabulary: logsumexp(z + t dc) and E_t[dc^j], j = 1 .. J.
+
+    Args:
+        base_logits: z, ``[..., V]``, broadcastable against ``centred``.
+        centred: dc, ``[..., V]``.
+        t: ``[...]``.
+        powers: ``moment_powers(centred, J)``, ``[..., J, V]``.
+        out: optional scratch of the broadcast shape ``[..., V]`` (reused across passes:
+            fresh multi-megabyte tensors cost page faults on every pass).
+
+    Returns:
+        (lse ``[...]``, raw moments ``[..., J]``).
+    """
+    tilted = torch.addcmul(base_logits, t.unsqueeze(-1), centred, out=out)
+    top = tilted.amax(-1, keepdim=True)
+    weights = tilted.sub_(top).exp_()
+    total = weights.sum(-1)
+    sums = (weights.unsqueeze(-2) @ powers.transpose(-1, -2)).squeeze(-2)  # [..., J]
+    return top.squeeze(-1) + total.log(), sums / total.unsqueeze(-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class TiltStats:
-    """Moments of the tilt P~_t = softmax(z + t d) along one direction d, at weights t.
+    """f, g and their derivatives along one direction d at weights t (DESIGN.md section 1).
 
-    Along one direction P~_t is an exponential tilt of P, so with m(t) = log E_P[exp(t d)]:
-        f(t) = KL(P~_t || P) = t E_t[d] - m(t)      f'(t) = t Var_t[d]
-        g(t) = KL(P || P~_t) = m(t) - t E_P[d]      g'(t) = E_t[d] - E_P[d]
-        f''(t) = Var_t[d] + t K3_t[d]                g''(t) = Var_t[d]
+    P~_t = softmax(z + t d) is an exponential tilt of P. With dc = d - E_P[d] and
+    M(t) = logsumexp(z + t dc) - logsumexp(z):
+        f(t) = KL(P~_t || P) = t E_t[dc] - M(t)     f'(t) = t Var_t[d]
+        g(t) = KL(P || P~_t) = M(t)                 g'(t) = E_t[dc] = E_t[d] - E_P[d]
+        f''(t) = Var_t[d] + t K3_t[d]               g''(t) = Var_t[d]
     where K3 is the third central moment.
     """
 
@@ -100,45 +156,25 @@ class TiltStats:
     dd_reverse: torch.Tensor  # g''(t)
 
 
-def tilt_stats(
-    base_logits: torch.Tensor,
-    deltas: torch.Tensor,
-    t: torch.Tensor,
-    base_lse: torch.Tensor,
-    base_mean: torch.Tensor,
-) -> TiltStats:
-    """One pass over the vocabulary: f, g and their first two derivatives at ``t``.
-
-    Args:
-        base_logits: z, ``[..., V]`` (broadcastable against ``deltas``).
-        deltas: d, ``[..., V]``.
-        t: weights, ``[...]``.
-        base_lse: logsumexp(z), ``[...]``.
-        base_mean: E_P[d], ``[...]``.
-    """
-    tilted = base_logits + t.unsqueeze(-1) * deltas
-    lse = torch.logsumexp(tilted, dim=-1)
-    p = torch.exp(tilted - lse.unsqueeze(-1))
-    mean = (p * deltas).sum(-1)
-    centred = deltas - mean.unsqueeze(-1)
-    sq = centred * centred
-    var = (p * sq).sum(-1).clamp_min(0.0)
-    third = (p * sq * centred).sum(-1)
-    m = lse - base_lse
+def tilt_stats(base_logits, centred, t, base_lse, powers, out=None) -> TiltStats:
+    """f, g, f', g', f'', g'' at ``t`` from one pass (``powers`` of order 3)."""
+    lse, moments = tilt_moments(base_logits, centred, t, powers, out)
+    m1, m2, m3 = moments.unbind(-1)
+    var = (m2 - m1 * m1).clamp_min(0.0)
+    third = m3 - 3 * m1 * m2 + 2 * m1**3
+    shift = lse - base_lse
     return TiltStats(
-        forward_kl=(t * mean - m).clamp_min(0.0),
-        reverse_kl=(m - t * base_mean).clamp_min(0.0),
+        forward_kl=(t * m1 - shift).clamp_min(0.0),
+        reverse_kl=shift.clamp_min(0.0),
         d_forward=t * var,
-        d_reverse=mean - base_mean,
+        d_reverse=m1,
         dd_forward=var + t * third,
         dd_reverse=var,
     )
 
 
-def tilt_kls(base_logits: torch.Tensor, deltas: torch.Tensor, t: torch.Tensor, base_lse: torch.Tensor, base_mean: torch.Tensor):
-    """(f(t), g(t)) only: one logsumexp and one weighted sum over the vocabulary."""
-    tilted = base_logits + t.unsqueeze(-1) * deltas
-    lse = torch.logsumexp(tilted, dim=-1)
-    mean = (torch.exp(tilted - lse.unsqueeze(-1)) * deltas).sum(-1)
-    m = lse - base_lse
-    return (t * mean - m).clamp_min(0.0), (m - t * base_mean).clamp_min(0.0)
+def tilt_kls(base_logits, centred, t, base_lse, powers, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(t), g(t)) only, from one pass (``powers`` of order 1)."""
+    lse, moments = tilt_moments(base_logits, centred, t, powers, out)
+    shift = lse - base_lse
+    return (t * moments[..., 0] - shift).clamp_min(0.0), shift.clamp_min(0.0)

@@ -81,17 +81,22 @@ def test_kl_terms_and_loss_match_brute_force(inputs):
 def test_tilt_stats_match_direct_kls_and_finite_differences(inputs, t_value):
     d = inputs.deltas()[:, 0]
     base = inputs.base_logits
-    lse, p0 = torch.logsumexp(base, -1), torch.softmax(base, -1)
-    mean0 = (p0 * d).sum(-1)
-    t = torch.full_like(mean0, t_value)
-    stats = fusion.tilt_stats(base, d, t, lse, mean0)
+    lse = torch.logsumexp(base, -1)
+    centred = d - (torch.softmax(base, -1) * d).sum(-1, keepdim=True)
+    powers = fusion.moment_powers(centred, 3)
+    t = torch.full_like(lse, t_value)
+
+    def stats_at(value):
+        return fusion.tilt_stats(base, centred, value, lse, powers)
+
+    stats = stats_at(t)
     fused = base + t.unsqueeze(-1) * d
     forward, reverse = fusion.fusion_kls(base, fused)
     assert torch.allclose(stats.forward_kl, forward, rtol=1e-7, atol=1e-10)
     assert torch.allclose(stats.reverse_kl, reverse, rtol=1e-7, atol=1e-10)
     h = 1e-5
-    up = fusion.tilt_stats(base, d, t + h, lse, mean0)
-    down = fusion.tilt_stats(base, d, t - h, lse, mean0)
+    up, down = stats_at(t + h), stats_at(t - h)
+    assert torch.allclose(torch.stack(fusion.tilt_kls(base, centred, t, lse, powers[..., :1, :])), torch.stack([forward, reverse]), atol=1e-10)
     scale = 1 + d.abs().max() ** 3
     assert torch.allclose(stats.d_forward, (up.forward_kl - down.forward_kl) / (2 * h), atol=1e-5 * scale)
     assert torch.allclose(stats.d_reverse, (up.reverse_kl - down.reverse_kl) / (2 * h), atol=1e-5 * scale)

@@ -14,9 +14,11 @@ Everything is batched over rows (and pairs): no Python loop over rows or vocabul
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from dlf_plugin.fusion import FusionInputs, kl_targets, tilt_kls, tilt_stats
+from dlf_plugin.fusion import FusionInputs, TiltStats, centre_deltas, kl_targets, moment_powers, tilt_kls, tilt_stats
 from dlf_plugin.solvers.base import Solver, SolverOptionError, number_option
 
 
@@ -33,15 +35,32 @@ class _Problem:
 
     def __init__(self, inputs: FusionInputs) -> None:
         self.base = inputs.base_logits  # [N, V]
-        self.deltas = inputs.deltas()  # [N, P, V]
+        # [N, P, V], [N, P], [N, P]: dc_k = d_k - E_P[d_k], E_P[d_k], Var_P[d_k]
+        self.centred, self.base_mean, self.base_var = centre_deltas(self.base, inputs.deltas())
         a, b = kl_targets(inputs.small_logits, inputs.expert_logits)  # [N, P] each
         self.target_f = a.mean(-1)  # [N]
         self.target_g = b.mean(-1)  # [N]
         self.base_lse = torch.logsumexp(self.base, dim=-1)  # [N]
-        p0 = torch.softmax(self.base, dim=-1)
-        self.base_mean = torch.einsum("nv,npv->np", p0, self.deltas)  # E_P[d_k], [N, P]
-        centred = self.deltas - self.base_mean.unsqueeze(-1)
-        self.base_var = torch.einsum("nv,npv->np", p0, centred * centred)  # Var_P[d_k], [N, P]
+        self._powers: dict[int, torch.Tensor] = {}
+        self._scratch: torch.Tensor | None = None
+
+    @property
+    def base_third(self) -> torch.Tensor:
+        """E_P[dc^3], the third cumulant of d under P, ``[N, P]``."""
+        p0 = torch.softmax(self.base, dim=-1)[:, None, None, :]  # [N, 1, 1, V]
+        return (p0 @ self.powers(3).transpose(-1, -2)).squeeze(-2)[..., 2]
+
+    def powers(self, order: int) -> torch.Tensor:
+        """dc^1 .. dc^order, ``[N, P, order, V]``, built once per order."""
+        if order not in self._powers:
+            self._powers[order] = moment_powers(self.centred, order)
+        return self._powers[order]
+
+    def scratch(self, rows: int | None = None) -> torch.Tensor:
+        """A reusable ``[N, P, V]`` buffer for one pass, or its first ``rows`` rows as ``[rows, V]``."""
+        if self._scratch is None:
+            self._scratch = torch.empty_like(self.centred)
+        return self._scratch if rows is None else self._scratch.view(-1, self.centred.shape[-1])[:rows]
 
     def reduced_loss(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """(f - a)^2 + (g - b)^2, broadcasting ``[N]`` targets over trailing pair dims."""
@@ -52,7 +71,34 @@ class _Problem:
 
     def along_pairs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f and g of alpha = t_k e_k for every pair k at once: ``t [N, P] -> ([N, P], [N, P])``."""
-        return tilt_kls(self.base.unsqueeze(1), self.deltas, t, self.base_lse.unsqueeze(1), self.base_mean)
+        return tilt_kls(self.base.unsqueeze(1), self.centred, t, self.base_lse.unsqueeze(1), self.powers(1), self.scratch())
+
+    def stats_along_pairs(self, t: torch.Tensor, active: torch.Tensor | None = None) -> TiltStats:
+        """f, g and derivatives along every pair's direction at ``t [N, P]``.
+
+        With ``active [N, P]``, only those directions are computed when they are few (the
+        others come back NaN): late iterations touch a handful of directions.
+        """
+        full = active is None or bool(active.all())
+        if full or 2 * int(active.sum()) > active.numel():
+            stats = tilt_stats(
+                self.base.unsqueeze(1), self.centred, t, self.base_lse.unsqueeze(1), self.powers(3), self.scratch()
+            )
+            if full:
+                return stats
+            nan = torch.tensor(float("nan"), dtype=t.dtype, device=t.device)
+            return TiltStats(*(torch.where(active, x, nan) for x in dataclasses.astuple(stats)))
+        rows, pairs = active.nonzero(as_tuple=True)
+        part = tilt_stats(
+            self.base[rows], self.centred[rows, pairs], t[rows, pairs], self.base_lse[rows],
+            self.powers(3)[rows, pairs], self.scratch(len(rows)),
+        )
+        out = []
+        for x in dataclasses.astuple(part):
+            values = torch.full_like(t, float("nan"))
+            values[rows, pairs] = x
+            out.append(values)
+        return TiltStats(*out)
 
 
 def _one_hot_weights(t: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
@@ -77,10 +123,14 @@ class GridSolver(Solver):
         super().__init__(pair_names)
         self.alpha_max = number_option(self.name, "alpha_max", alpha_max, 0.0, 100.0)
         self.step = number_option(self.name, "step", step, 1e-6, 100.0)
-        points = int(round(self.alpha_max / self.step))
-        self.grid = [i * self.step for i in range(points + 1)]
+        self.grid = self.points(self.alpha_max, self.step)
         self.bounds = (0.0, self.grid[-1])
-        self.passes = 0
+        self.passes = 0  # softmax evaluations over the full vocabulary, per row
+
+    @staticmethod
+    def points(alpha_max: float, step: float = 0.1) -> list[float]:
+        """{0, step, ..., alpha_max}: the paper's 21 points by default."""
+        return [i * step for i in range(int(round(alpha_max / step)) + 1)]
 
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
         problem = _Problem(inputs)
@@ -92,7 +142,7 @@ class GridSolver(Solver):
         for value in self.grid[1:]:
             t = torch.full_like(problem.base_mean, value)
             loss = problem.reduced_loss(*problem.along_pairs(t))  # [N, P]
-            self.passes += 1
+            self.passes += t.shape[1]
             pair_loss, pair = loss.min(-1)
             better = pair_loss < best_loss
             best_loss = torch.where(better, pair_loss, best_loss)
@@ -125,64 +175,175 @@ class ExactSolver(Solver):
         self.tol = number_option(self.name, "tol", tol, 1e-12, 1.0)
         self.max_iter = int(number_option(self.name, "max_iter", max_iter, 1, 1000))
         self.bounds = (self.alpha_min, self.alpha_max)
-        self.passes = 0
+        self.passes = 0  # softmax evaluations over the full vocabulary, per row
 
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
         problem = _Problem(inputs)
         t, loss = self.solve_pairs(problem)
         return _one_hot_weights(t, loss)
 
+    @staticmethod
+    def _start(problem: _Problem, tf: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
+        """Starting weight from the cumulant expansion at t = 0, no vocabulary pass.
+
+        f ~ k2 t^2 / 2 + k3 t^3 / 3 and g ~ k2 t^2 / 2 + k3 t^3 / 6 (k_n: cumulants of d
+        under P); a few scalar Newton steps minimise (f - a)^2 + (g - b)^2 on that model.
+        """
+        k2, k3 = problem.base_var.clamp_min(1e-30), problem.base_third
+        t = torch.sqrt((tf + tg) / k2)
+        for _ in range(3):
+            t2, t3 = t * t, t * t * t
+            F, G = k2 * t2 / 2 + k3 * t3 / 3 - tf, k2 * t2 / 2 + k3 * t3 / 6 - tg
+            df, dg = k2 * t + k3 * t2, k2 * t + k3 * t2 / 2
+            grad = F * df + G * dg
+            hess = df * df + dg * dg + F * (k2 + 2 * k3 * t) + G * (k2 + k3 * t)
+            t = torch.where(hess > 0, (t - grad / hess).clamp(0.0, 100.0), t)
+        return torch.nan_to_num(t, nan=0.0)
+
     def solve_pairs(self, problem: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
         """Best weight and reduced loss of each pair acting alone: ``([N, P], [N, P])``."""
-        low, high = self.alpha_min, self.alpha_max
-        base, deltas = problem.base.unsqueeze(1), problem.deltas
-        lse, mean0 = problem.base_lse.unsqueeze(1), problem.base_mean
-        tf, tg = problem.target_f.unsqueeze(-1), problem.target_g.unsqueeze(-1)
+        search = _Search(problem, self.alpha_min, self.alpha_max, self.tol)
+        search.newton(self._start(problem, search.tf, search.tg).clamp(self.alpha_min, self.alpha_max), self.max_iter)
+        grid = torch.tensor(GridSolver.points(self.alpha_max), dtype=search.lo.dtype, device=search.lo.device)
+        grid = grid[grid >= self.alpha_min]
+        # The loss may have several local minima (peaked logits): make sure no point of the
+        # paper's grid beats the answer, evaluating those the evaluated points cannot rule out.
+        while True:
+            candidate, pending = search.unresolved(grid)
+            if not bool(pending.any()):
+                break
+            improved = search.evaluate(candidate, pending)[3]
+            if bool(improved.any()):  # a better basin: polish its minimum
+                step = float(grid[1] - grid[0]) if len(grid) > 1 else 0.0
+                search.newton(search.best_t, self.max_iter, active=improved, radius=step)
+        self.passes += search.passes
+        return search.best_t, search.best_loss
 
-        def derivative(stats):
-            """h = L'/2 and h' = L''/2 for L = (f - a)^2 + (g - b)^2."""
-            F, G = stats.forward_kl - tf, stats.reverse_kl - tg
-            h = F * stats.d_forward + G * stats.d_reverse
-            dh = stats.d_forward**2 + stats.d_reverse**2 + F * stats.dd_forward + G * stats.dd_reverse
-            return h, dh
 
-        def at(value):
-            self.passes += 1
-            return tilt_stats(base, deltas, value, lse, mean0)
+class _Search:
+    """Minimises L(t) = (f(t) - a)^2 + (g(t) - b)^2 along every pair's direction at once.
 
-        lo = torch.full_like(mean0, low)
-        hi = torch.full_like(mean0, high)
-        hi_stats = at(hi)
-        loss_hi = problem.reduced_loss(hi_stats.forward_kl, hi_stats.reverse_kl)
-        if low == 0.0:
-            loss_lo = problem.reduced_loss(torch.zeros_like(lo), torch.zeros_like(lo))
+    Keeps every evaluated (t, f, g): f and g increase with t, so they bound the loss
+    anywhere between evaluated points (``unresolved``).
+    """
+
+    def __init__(self, problem: _Problem, low: float, high: float, tol: float) -> None:
+        self.problem = problem
+        self.tf, self.tg = problem.target_f.unsqueeze(-1), problem.target_g.unsqueeze(-1)  # [N, 1]
+        # Steps below this are rounding noise of the dtype, not progress.
+        self.tol = max(tol, 100 * torch.finfo(problem.base.dtype).eps)
+        self.low, self.high = low, high
+        self.lo = torch.full_like(problem.base_mean, low)
+        self.hi = torch.full_like(problem.base_mean, high)
+        self.ts, self.fs, self.gs, self.dgs = [], [], [], []
+        self.passes = 0
+        self.best_t = self.lo.clone()
+        self.best_loss = torch.full_like(self.lo, float("inf"))
+        if low == 0.0:  # f = g = g' = 0 at t = 0, no pass needed
+            zeros = torch.zeros_like(self.lo)
+            self._record(self.lo, zeros, zeros, zeros)
         else:
-            lo_stats = at(lo)
-            loss_lo = problem.reduced_loss(lo_stats.forward_kl, lo_stats.reverse_kl)
+            self.evaluate(self.lo)
 
-        t = torch.sqrt((tf + tg) / problem.base_var.clamp_min(1e-30)).clamp(low, high)
-        left, right = lo.clone(), hi.clone()
-        # Still falling at alpha_max: the bound is the answer, no iteration needed.
-        falling = derivative(hi_stats)[0] <= 0
-        t = torch.where(falling, hi, t)
-        left = torch.where(falling, hi, left)
-        for _ in range(self.max_iter):
-            h, dh = derivative(at(t))
+    def _record(self, t, f, g, dg):
+        self.ts.append(t)
+        self.fs.append(f)
+        self.gs.append(g)
+        self.dgs.append(dg)
+        loss = (f - self.tf) ** 2 + (g - self.tg) ** 2
+        improved = loss < self.best_loss
+        self.best_t = torch.where(improved, t, self.best_t)
+        self.best_loss = torch.where(improved, loss, self.best_loss)
+        return loss, improved
+
+    def evaluate(self, t, active=None):
+        """One pass: loss, h = L'/2, h' = L''/2 and whether the best improved, at ``t [N, P]``
+        (NaN for directions not ``active``)."""
+        share = 1.0 if active is None else float(active.float().mean())
+        self.passes += t.shape[1] * share  # passes over the vocabulary, per row
+        stats = self.problem.stats_along_pairs(t, active)
+        if active is not None:
+            t = torch.where(active, t, torch.full_like(t, float("nan")))
+        loss, improved = self._record(t, stats.forward_kl, stats.reverse_kl, stats.d_reverse)
+        F, G = stats.forward_kl - self.tf, stats.reverse_kl - self.tg
+        h = F * stats.d_forward + G * stats.d_reverse
+        dh = stats.d_forward**2 + stats.d_reverse**2 + F * stats.dd_forward + G * stats.dd_reverse
+        return loss, h, dh, improved
+
+    def newton(self, t, max_iter, active=None, radius=None):
+        """Safeguarded Newton on L' from ``t``, for the ``active`` directions (default all).
+
+        The bracket holds the minimiser: h < 0 left of it, h >= 0 right of it. alpha_max is
+        not evaluated up front: a step past it lands on it, and h there tells the rest.
+        """
+        active = torch.ones_like(t, dtype=torch.bool) if active is None else active
+        left, right = self.lo.clone(), self.hi.clone()
+        if radius is not None:
+            left, right = (t - radius).clamp_min(self.low), (t + radius).clamp_max(self.high)
+        top_seen = torch.zeros_like(active)
+        moving = active
+        for _ in range(max_iter):
+            _, h, dh, _ = self.evaluate(t, None if bool(moving.all()) else moving)
             left = torch.where(h < 0, t, left)
             right = torch.where(h >= 0, t, right)
-            newton = t - h / dh
-            ok = (dh > 0) & (newton >= left) & (newton <= right)
-            step = torch.where(ok, newton, 0.5 * (left + right)) - t
-            t = t + step
-            if not bool((step.abs() > self.tol).any()):
+            # Newton in s = t^2, where f and g are nearly linear (both ~ s Var_P[d] / 2):
+            # dL/ds = h / t, so s' = s - 2 t^2 h / (t h' - h).
+            curvature = t * dh - h
+            newton = (t * t - 2 * t * t * h / curvature).clamp_min(0.0).sqrt()
+            top_seen |= t == self.high
+            usable = (curvature > 0) & (t > 0)
+            # A step within rounding noise of the bracket counts as inside (then clamped).
+            inside = usable & (newton >= left - self.tol) & (newton <= right + self.tol)
+            newton = torch.minimum(torch.maximum(newton, left), right)
+            # Still falling, no Newton step within the bracket: try alpha_max itself first.
+            to_top = ~inside & (h < 0) & ~top_seen & (right == self.high)
+            target = torch.where(inside, newton, torch.where(to_top, self.hi, 0.5 * (left + right)))
+            target = torch.where(moving, target, t)
+            step = target - t
+            t = target
+            moving = step.abs() > self.tol
+            if not bool(moving.any()):
                 break
-        self.passes += 1
-        loss_t = problem.reduced_loss(*tilt_kls(base, deltas, t, lse, mean0))
-        # Bounds as candidates: the loss may still fall at alpha_max, or rise from alpha_min.
-        candidates = torch.stack([t, lo, hi])  # [3, N, P]
-        losses = torch.stack([loss_t, loss_lo, loss_hi])
-        pick = losses.argmin(0, keepdim=True)
-        return candidates.gather(0, pick)[0], losses.gather(0, pick)[0]
+
+    def unresolved(self, grid):
+        """Per direction, a grid point whose loss the evaluated points cannot bound above the
+        best loss (the one with the lowest bound), and whether there is one.
+
+        g is convex and increasing (g' = E_t[dc] >= 0, g'' = Var_t >= 0) and f = t g' - g.
+        For u <= x <= v evaluated: g(x) lies between every tangent and the chord u-v, g'(x)
+        in [g'(u), g'(v)], hence f(x) in [x g'(u) - g_hi, x g'(v) - g_lo] (and [f(u), f(v)]);
+        L(x) is at least the squared distance from (a, b) to that box.
+        """
+        ts, fs, gs, dgs = (torch.stack(x, dim=-1).unsqueeze(-2) for x in (self.ts, self.fs, self.gs, self.dgs))
+        x = grid.view(1, 1, -1, 1)  # [1, 1, J, 1]; evaluated points: [N, P, 1, E], NaN where skipped
+        inf = torch.tensor(float("inf"), dtype=fs.dtype, device=fs.device)
+        below, above = ts <= x, ts >= x  # False for NaN
+        u = torch.where(below, ts, -inf).argmax(-1, keepdim=True)  # nearest evaluated point below
+        v = torch.where(above, ts, inf).argmin(-1, keepdim=True)  # and above (if any)
+        has_v = above.any(-1)
+        xs = x.squeeze(-1)
+
+        def at(values, index):
+            return values.expand(*below.shape).gather(-1, index).squeeze(-1)
+
+        tu, tv = at(ts, u), at(ts, v)
+        gu, gv, fu, fv = at(gs, u), at(gs, v), at(fs, u), at(fs, v)
+        dgu, dgv = at(dgs, u), at(dgs, v)
+        chord = gu + (gv - gu) * ((xs - tu) / (tv - tu).clamp_min(1e-30))
+        g_high = torch.where(has_v, torch.where(tv > tu, chord, gv), inf)
+        tangents = gs + dgs * (x - ts)
+        g_low = torch.maximum(torch.where(tangents.isnan(), -inf, tangents).amax(-1), gu)
+        f_low = torch.maximum(xs * dgu - g_high, fu)
+        f_high = torch.where(has_v, torch.minimum(xs * dgv - g_low, fv), inf)
+        a, b = self.tf.unsqueeze(-1), self.tg.unsqueeze(-1)
+        bound = ((f_low - a).clamp_min(0) + (a - f_high).clamp_min(0)) ** 2 + (
+            (g_low - b).clamp_min(0) + (b - g_high).clamp_min(0)
+        ) ** 2
+        seen = ((ts - x).abs() <= self.tol).any(-1)  # grid point already evaluated
+        slack = 1e3 * torch.finfo(fs.dtype).eps * (1 + self.best_loss.unsqueeze(-1))
+        open_ = ~seen & (bound < self.best_loss.unsqueeze(-1) - slack)
+        pick = torch.where(open_, bound, inf).argmin(-1)
+        return grid[pick], open_.any(-1)
 
 
 class JointSolver(Solver):
@@ -207,22 +368,23 @@ class JointSolver(Solver):
         self.tol = number_option(self.name, "tol", tol, 1e-12, 1.0)
         self.bounds = (self.alpha_min, self.alpha_max)
         self._start = ExactSolver(pair_names, alpha_min=self.alpha_min, alpha_max=self.alpha_max, tol=tol)
-        self.passes = 0
+        self.passes = 0  # softmax evaluations over the full vocabulary, per row
 
     def _state(self, problem: _Problem, w: torch.Tensor):
         """Loss, residuals [N, 2] and Jacobian [N, 2, P] at weights ``w [N, P]``: one pass."""
         self.passes += 1
-        s = problem.base + torch.einsum("np,npv->nv", w, problem.deltas)
+        dc = problem.centred  # [N, P, V]
+        s = problem.base + torch.einsum("np,npv->nv", w, dc)
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse.unsqueeze(-1))
-        mean = torch.einsum("nv,npv->np", p, problem.deltas)
-        centred = problem.deltas - mean.unsqueeze(-1)
-        cov = torch.einsum("npv,nv,nqv->npq", centred, p, centred)
-        m = lse - problem.base_lse
-        f = ((w * mean).sum(-1) - m).clamp_min(0.0)
-        g = (m - (w * problem.base_mean).sum(-1)).clamp_min(0.0)
+        mean = torch.einsum("nv,npv->np", p, dc)  # E_w[dc_k] = E_w[d_k] - E_P[d_k]
+        second = torch.einsum("npv,nv,nqv->npq", dc, p, dc)
+        cov = second - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+        shift = lse - problem.base_lse
+        f = ((w * mean).sum(-1) - shift).clamp_min(0.0)
+        g = shift.clamp_min(0.0)
         residual = torch.stack([f - problem.target_f, g - problem.target_g], dim=-1)
-        jacobian = torch.stack([torch.einsum("npq,nq->np", cov, w), mean - problem.base_mean], dim=1)
+        jacobian = torch.stack([torch.einsum("npq,nq->np", cov, w), mean], dim=1)
         return (residual**2).sum(-1), residual, jacobian
 
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
@@ -235,13 +397,17 @@ class JointSolver(Solver):
             return w
         loss, residual, jacobian = self._state(problem, w)
         eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
-        jtj = jacobian.transpose(1, 2) @ jacobian
-        damping = 1e-3 * jtj.diagonal(dim1=1, dim2=2).mean(-1) + 1e-12  # [N]
+        damping = torch.full_like(loss, 1e-3)  # [N], relative to the scale of J^T J
+        tiny = torch.finfo(w.dtype).tiny ** 0.5
         for _ in range(self.max_iter):
             jtj = jacobian.transpose(1, 2) @ jacobian  # [N, P, P]
             grad = (jacobian.transpose(1, 2) @ residual.unsqueeze(-1)).squeeze(-1)  # [N, P]
-            system = jtj + damping[:, None, None] * (eye + torch.diag_embed(jtj.diagonal(dim1=1, dim2=2)))
-            step = torch.linalg.solve(system, -grad.unsqueeze(-1)).squeeze(-1)
+            scale = jtj.diagonal(dim1=1, dim2=2).mean(-1) + tiny  # [N]
+            # J^T J has rank <= 2: the ridge keeps the system positive definite for any P.
+            ridge = damping * scale
+            system = jtj + ridge[:, None, None] * eye + damping[:, None, None] * torch.diag_embed(jtj.diagonal(dim1=1, dim2=2))
+            step = torch.linalg.solve_ex(system, -grad.unsqueeze(-1))[0].squeeze(-1)
+            step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
             trial = (w + step).clamp(self.alpha_min, self.alpha_max)
             trial_loss, trial_residual, trial_jacobian = self._state(problem, trial)
             accept = trial_loss < loss  # [N]
@@ -250,7 +416,7 @@ class JointSolver(Solver):
             loss = torch.where(accept, trial_loss, loss)
             residual = torch.where(accept.unsqueeze(-1), trial_residual, residual)
             jacobian = torch.where(accept[:, None, None], trial_jacobian, jacobian)
-            damping = torch.where(accept, damping / 3, damping * 4)
+            damping = torch.where(accept, (damping / 3).clamp_min(1e-7), damping * 4)
             if not bool((moved > self.tol).any()):
                 break
         return w

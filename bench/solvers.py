@@ -1,0 +1,86 @@
+"""Solver cost at a Llama-sized vocabulary on CPU, every solver side by side in one run.
+
+    python bench/solvers.py [--vocab 32000] [--repeats 5]
+
+Per configuration (rows x pairs) it prints each solver's time per position and the
+number of softmax evaluations over the full vocabulary it made per position, next
+to dlf-grid (the paper's 21-point search), then checks the targets:
+    dlf       at 1 pair  <= 0.5 x dlf-grid's time
+    dlf-joint at 4 pairs <= 1.0 x dlf-grid's time
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dlf_plugin.fusion import FusionInputs, dlf_loss
+from dlf_plugin.solvers.dlf import ExactSolver, GridSolver, JointSolver
+from dlf_plugin.solvers.static import StaticSolver
+
+SOLVERS = (StaticSolver, GridSolver, ExactSolver, JointSolver)
+
+
+def logits_like_a_model(rows: int, pairs: int, vocab: int, seed: int) -> FusionInputs:
+    """Peaked, heavy-tailed logits (a few likely tokens, a long tail), experts shifted from their base."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def peaked(*shape):
+        x = torch.randn(*shape, generator=gen) * 2.5
+        top = torch.randint(0, vocab, (*shape[:-1], 8), generator=gen)
+        return x.scatter_add(-1, top, torch.rand(*shape[:-1], 8, generator=gen) * 12)
+
+    base = peaked(rows, vocab)
+    small = peaked(rows, pairs, vocab)
+    expert = small + torch.randn(rows, pairs, vocab, generator=gen) * 0.8
+    return FusionInputs(base, small, expert, torch.ones(rows, dtype=torch.bool))
+
+
+def measure(solver_cls, inputs: FusionInputs, repeats: int) -> tuple[float, float, float]:
+    """(seconds per position, vocabulary passes per position, mean loss)."""
+    names = [f"pair{k}" for k in range(inputs.num_pairs)]
+    solver = solver_cls(names)
+    with torch.inference_mode():
+        weights = solver.solve(inputs)  # warm-up
+        times = []
+        for _ in range(repeats):
+            solver.passes = 0
+            start = time.perf_counter()
+            solver.solve(inputs)
+            times.append(time.perf_counter() - start)
+        loss = float(dlf_loss(inputs, weights).mean())
+    rows = inputs.base_logits.shape[0]
+    return statistics.median(times) / rows, getattr(solver, "passes", 0) / rows, loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocabulary {args.vocab}, float32, CPU")
+    print(f"{'rows':>4} {'pairs':>5} {'solver':>10} {'ms/position':>12} {'vocab passes':>13} {'x dlf-grid':>11} {'mean loss':>11}")
+    ratios = {}
+    for rows in (1, 32):
+        for pairs in (1, 4):
+            inputs = logits_like_a_model(rows, pairs, args.vocab, seed=rows * 10 + pairs)
+            results = {cls.name: measure(cls, inputs, args.repeats) for cls in SOLVERS}
+            grid_time = results["dlf-grid"][0]
+            for name, (seconds, passes, loss) in results.items():
+                ratios[(rows, pairs, name)] = seconds / grid_time
+                print(f"{rows:>4} {pairs:>5} {name:>10} {seconds * 1e3:>12.3f} {passes:>13.1f} {seconds / grid_time:>11.2f} {loss:>11.3e}")
+    failures = 0
+    for rows in (1, 32):
+        for name, pairs, goal in (("dlf", 1, 0.5), ("dlf-joint", 4, 1.0)):
+            value = ratios[(rows, pairs, name)]
+            ok = value <= goal
+            failures += not ok
+            print(f"target {name}_vs_grid_{pairs}pair_{rows}rows: {value:.2f} (goal <= {goal}) {'PASS' if ok else 'FAIL'}")
+    raise SystemExit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
