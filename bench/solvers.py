@@ -3,8 +3,8 @@
     python bench/solvers.py [--vocab 32000] [--repeats 5]
 
 Per configuration (rows x pairs) it prints each solver's time per position and the
-number of softmax evaluations over the full vocabulary it made per position, next
-to dlf-grid (the paper's 21-point search), then checks the targets:
+number of softmax evaluations over the full vocabulary it made per row (a row is a
+position), next to dlf-grid (the paper's 21-point search), then checks the targets:
     dlf       at 1 pair  <= 0.5 x dlf-grid's time
     dlf-joint at 4 pairs <= 1.0 x dlf-grid's time
 """
@@ -39,27 +39,36 @@ def logits_like_a_model(rows: int, pairs: int, vocab: int, seed: int) -> FusionI
     return FusionInputs(base, small, expert, torch.ones(rows, dtype=torch.bool))
 
 
-def measure(solver_cls, inputs: FusionInputs, repeats: int) -> tuple[float, float, float]:
-    """(seconds per position, vocabulary passes per position, mean loss)."""
+def measure(inputs: FusionInputs, repeats: int) -> dict[str, tuple[float, float, float]]:
+    """Per solver: (seconds per position, vocabulary passes per position and row, mean loss).
+
+    The solvers take turns within every repeat, so drifts of the machine hit all alike;
+    each keeps its buffers between calls, as during decoding.
+    """
     names = [f"pair{k}" for k in range(inputs.num_pairs)]
-    solver = solver_cls(names)
+    solvers = [cls(names) for cls in SOLVERS]
+    times = {s.name: [] for s in solvers}
+    passes = {}
     with torch.inference_mode():
-        weights = solver.solve(inputs)  # warm-up
-        times = []
+        losses = {s.name: float(dlf_loss(inputs, s.solve(inputs)).mean()) for s in solvers}  # warm-up
         for _ in range(repeats):
-            solver.passes = 0
-            start = time.perf_counter()
-            solver.solve(inputs)
-            times.append(time.perf_counter() - start)
-        loss = float(dlf_loss(inputs, weights).mean())
+            for solver in solvers:
+                solver.passes = 0
+                start = time.perf_counter()
+                solver.solve(inputs)
+                times[solver.name].append(time.perf_counter() - start)
+                passes[solver.name] = getattr(solver, "passes", 0)
     rows = inputs.base_logits.shape[0]
-    return statistics.median(times) / rows, getattr(solver, "passes", 0) / rows, loss
+    return {
+        s.name: (statistics.median(times[s.name]) / rows, passes[s.name], losses[s.name])
+        for s in solvers
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocabulary {args.vocab}, float32, CPU")
     print(f"{'rows':>4} {'pairs':>5} {'solver':>10} {'ms/position':>12} {'vocab passes':>13} {'x dlf-grid':>11} {'mean loss':>11}")
@@ -67,7 +76,7 @@ def main() -> None:
     for rows in (1, 32):
         for pairs in (1, 4):
             inputs = logits_like_a_model(rows, pairs, args.vocab, seed=rows * 10 + pairs)
-            results = {cls.name: measure(cls, inputs, args.repeats) for cls in SOLVERS}
+            results = measure(inputs, args.repeats)
             grid_time = results["dlf-grid"][0]
             for name, (seconds, passes, loss) in results.items():
                 ratios[(rows, pairs, name)] = seconds / grid_time

@@ -18,7 +18,7 @@ import torch
 
 # A logit difference is clamped to this size: an expert that forbids a token (-inf)
 # must not turn the moments of the tilt into NaN.
-_MAX_DELTA = 1.0e4
+MAX_DELTA = 1.0e4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class FusionInputs:
 def logit_deltas(small_logits: torch.Tensor, expert_logits: torch.Tensor) -> torch.Tensor:
     """d = z_E - z_S, with NaN set to 0 and infinities clamped to +-1e4."""
     d = expert_logits - small_logits
-    return torch.nan_to_num(d, nan=0.0).clamp_(-_MAX_DELTA, _MAX_DELTA)
+    return torch.nan_to_num(d, nan=0.0).clamp_(-MAX_DELTA, MAX_DELTA)
 
 
 def fuse(base_logits: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -90,24 +90,12 @@ def dlf_loss(inputs: FusionInputs, weights: torch.Tensor) -> torch.Tensor:
     return centroid_loss(*fusion_kls(inputs.base_logits, fused), a, b)
 
 
-def centre_deltas(base_logits: torch.Tensor, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dc = d - E_P[d], E_P[d] and Var_P[d]: ``[N, V] x [N, P, V] -> ([N, P, V], [N, P], [N, P])``.
-
-    Shifting d by a constant leaves the tilt softmax(z + t d) unchanged; centring it
-    makes E_P[dc] = 0, which keeps the raw moments below free of cancellation near t = 0.
-    """
-    p0 = torch.softmax(base_logits, dim=-1).unsqueeze(-1)  # [N, V, 1]
-    mean = (deltas @ p0).squeeze(-1)  # [N, P]
-    centred = deltas - mean.unsqueeze(-1)
-    var = ((centred * centred) @ p0).squeeze(-1)
-    return centred, mean, var
-
-
-def moment_powers(centred: torch.Tensor, order: int) -> torch.Tensor:
+def moment_powers(centred: torch.Tensor, order: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows dc^1 .. dc^order of the centred deltas: ``[..., V] -> [..., order, V]``."""
-    if order == 1:
+    if order == 1 and out is None:
         return centred.unsqueeze(-2)
-    out = centred.new_empty(*centred.shape[:-1], order, centred.shape[-1])
+    if out is None:
+        out = centred.new_empty(*centred.shape[:-1], order, centred.shape[-1])
     out[..., 0, :] = centred
     for j in range(1, order):
         torch.mul(out[..., j - 1, :], centred, out=out[..., j, :])

@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from dlf_plugin.fusion import FusionInputs, TiltStats, centre_deltas, kl_targets, moment_powers, tilt_kls, tilt_stats
+from dlf_plugin.fusion import MAX_DELTA, FusionInputs, TiltStats, moment_powers, tilt_kls, tilt_stats
 from dlf_plugin.solvers.base import Solver, SolverOptionError, number_option
 
 
@@ -30,37 +30,84 @@ def _bounds(name: str, alpha_min, alpha_max) -> tuple[float, float]:
     return low, high
 
 
+class Workspace:
+    """Buffers kept between solves, by name.
+
+    Decoding calls a solver with the same shapes at every step; fresh multi-megabyte
+    tensors would cost page faults on every call on a CPU.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+            self._buffers[name] = buffer
+        return buffer
+
+
+def _lse_and_mean(logits: torch.Tensor, values: torch.Tensor, scratch: torch.Tensor):
+    """logsumexp(logits) and E_softmax(logits)[values] over the last dim, in ``scratch``."""
+    top = logits.amax(-1, keepdim=True)
+    weights = torch.sub(logits, top, out=scratch).exp_()
+    total = weights.sum(-1)
+    mean = weights.mul_(values).sum(-1) / total
+    return top.squeeze(-1) + total.log(), mean
+
+
 class _Problem:
     """The per-row quantities every DLF solver needs, computed once: ``[N, ...]`` tensors."""
 
-    def __init__(self, inputs: FusionInputs) -> None:
+    def __init__(self, inputs: FusionInputs, workspace: Workspace | None = None) -> None:
+        workspace = workspace or Workspace()
+        self.workspace = workspace
         self.base = inputs.base_logits  # [N, V]
-        # [N, P, V], [N, P], [N, P]: dc_k = d_k - E_P[d_k], E_P[d_k], Var_P[d_k]
-        self.centred, self.base_mean, self.base_var = centre_deltas(self.base, inputs.deltas())
-        a, b = kl_targets(inputs.small_logits, inputs.expert_logits)  # [N, P] each
-        self.target_f = a.mean(-1)  # [N]
-        self.target_g = b.mean(-1)  # [N]
-        self.base_lse = torch.logsumexp(self.base, dim=-1)  # [N]
+        small, expert = inputs.small_logits, inputs.expert_logits  # [N, P, V]
+        self.shape = tuple(expert.shape)
+        d = torch.sub(expert, small, out=workspace.get("deltas", expert.shape, expert))
+        torch.nan_to_num(d, nan=0.0, posinf=MAX_DELTA, neginf=-MAX_DELTA, out=d).clamp_(-MAX_DELTA, MAX_DELTA)
+        # Targets from d: KL(R||Q) = E_R[d] - (lse R - lse Q), KL(Q||R) = (lse R - lse Q) - E_Q[d].
+        scratch = self.scratch()
+        lse_small, mean_small = _lse_and_mean(small, d, scratch)
+        lse_expert, mean_expert = _lse_and_mean(expert, d, scratch)
+        shift = lse_expert - lse_small
+        self.target_f = (mean_expert - shift).clamp_min(0.0).mean(-1)  # [N], mean of a_k
+        self.target_g = (shift - mean_small).clamp_min(0.0).mean(-1)  # [N], mean of b_k
+        top = self.base.amax(-1, keepdim=True)
+        self.p0 = torch.sub(self.base, top, out=workspace.get("p0", self.base.shape, self.base)).exp_()  # P, [N, V]
+        total = self.p0.sum(-1, keepdim=True)
+        self.p0.div_(total)
+        self.base_lse = (top + total.log()).squeeze(-1)  # [N]
+        self.base_mean = (d @ self.p0.unsqueeze(-1)).squeeze(-1)  # E_P[d_k], [N, P]
+        self.centred = d.sub_(self.base_mean.unsqueeze(-1))  # dc_k = d_k - E_P[d_k], [N, P, V]
         self._powers: dict[int, torch.Tensor] = {}
-        self._scratch: torch.Tensor | None = None
-
-    @property
-    def base_third(self) -> torch.Tensor:
-        """E_P[dc^3], the third cumulant of d under P, ``[N, P]``."""
-        p0 = torch.softmax(self.base, dim=-1)[:, None, None, :]  # [N, 1, 1, V]
-        return (p0 @ self.powers(3).transpose(-1, -2)).squeeze(-2)[..., 2]
 
     def powers(self, order: int) -> torch.Tensor:
         """dc^1 .. dc^order, ``[N, P, order, V]``, built once per order."""
         if order not in self._powers:
-            self._powers[order] = moment_powers(self.centred, order)
+            if order == 1:
+                self._powers[1] = self.centred.unsqueeze(-2)
+            else:
+                n, p, v = self.centred.shape
+                out = self.workspace.get(f"powers{order}", (n, p, order, v), self.centred)
+                self._powers[order] = moment_powers(self.centred, order, out=out)
         return self._powers[order]
 
     def scratch(self, rows: int | None = None) -> torch.Tensor:
         """A reusable ``[N, P, V]`` buffer for one pass, or its first ``rows`` rows as ``[rows, V]``."""
-        if self._scratch is None:
-            self._scratch = torch.empty_like(self.centred)
-        return self._scratch if rows is None else self._scratch.view(-1, self.centred.shape[-1])[:rows]
+        buffer = self.workspace.get("scratch", self.shape, self.base)
+        return buffer if rows is None else buffer.view(-1, buffer.shape[-1])[:rows]
+
+    @property
+    def base_cumulants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Var_P[d_k] and the third central moment of d_k under P, each ``[N, P]``."""
+        if not hasattr(self, "_cumulants"):
+            n, p, _, v = self.powers(3).shape
+            moments = (self.powers(3).view(n, p * 3, v) @ self.p0.unsqueeze(-1)).view(n, p, 3)
+            self._cumulants = (moments[..., 1].clamp_min(1e-30), moments[..., 2])
+        return self._cumulants
 
     def reduced_loss(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """(f - a)^2 + (g - b)^2, broadcasting ``[N]`` targets over trailing pair dims."""
@@ -100,7 +147,6 @@ class _Problem:
             out.append(values)
         return TiltStats(*out)
 
-
 def _one_hot_weights(t: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     """Keep, per row, the pair with the lowest loss (first on ties) at its weight; others 0."""
     best = loss.argmin(-1, keepdim=True)  # [N, 1]
@@ -121,6 +167,7 @@ class GridSolver(Solver):
 
     def __init__(self, pair_names, *, alpha_max=2.0, step=0.1):
         super().__init__(pair_names)
+        self.workspace = Workspace()
         self.alpha_max = number_option(self.name, "alpha_max", alpha_max, 0.0, 100.0)
         self.step = number_option(self.name, "step", step, 1e-6, 100.0)
         self.grid = self.points(self.alpha_max, self.step)
@@ -133,7 +180,7 @@ class GridSolver(Solver):
         return [i * step for i in range(int(round(alpha_max / step)) + 1)]
 
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
-        problem = _Problem(inputs)
+        problem = _Problem(inputs, self.workspace)
         n = problem.base_mean.shape[0]
         zeros = problem.base_mean.new_zeros(n)
         best_loss = problem.reduced_loss(zeros, zeros)  # t = 0: f = g = 0
@@ -171,6 +218,7 @@ class ExactSolver(Solver):
 
     def __init__(self, pair_names, *, alpha_min=0.0, alpha_max=2.0, tol=1e-7, max_iter=30):
         super().__init__(pair_names)
+        self.workspace = Workspace()
         self.alpha_min, self.alpha_max = _bounds(self.name, alpha_min, alpha_max)
         self.tol = number_option(self.name, "tol", tol, 1e-12, 1.0)
         self.max_iter = int(number_option(self.name, "max_iter", max_iter, 1, 1000))
@@ -178,7 +226,7 @@ class ExactSolver(Solver):
         self.passes = 0  # softmax evaluations over the full vocabulary, per row
 
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
-        problem = _Problem(inputs)
+        problem = _Problem(inputs, self.workspace)
         t, loss = self.solve_pairs(problem)
         return _one_hot_weights(t, loss)
 
@@ -189,7 +237,7 @@ class ExactSolver(Solver):
         f ~ k2 t^2 / 2 + k3 t^3 / 3 and g ~ k2 t^2 / 2 + k3 t^3 / 6 (k_n: cumulants of d
         under P); a few scalar Newton steps minimise (f - a)^2 + (g - b)^2 on that model.
         """
-        k2, k3 = problem.base_var.clamp_min(1e-30), problem.base_third
+        k2, k3 = problem.base_cumulants
         t = torch.sqrt((tf + tg) / k2)
         for _ in range(3):
             t2, t3 = t * t, t * t * t
@@ -356,13 +404,15 @@ class JointSolver(Solver):
     Levenberg-Marquardt steps on the residuals (f - a, g - b), accepting a step only
     where it lowers the loss: never worse than one pair per position.
 
-    Options: alpha_min (0), alpha_max (2.0), max_iter (20), tol (1e-7).
+    Options: alpha_min (0), alpha_max (2.0), max_iter (4: each step costs one pass with
+    P^2 V work; more steps lower the loss slowly), tol (1e-7).
     """
 
     name = "dlf-joint"
 
-    def __init__(self, pair_names, *, alpha_min=0.0, alpha_max=2.0, max_iter=20, tol=1e-7):
+    def __init__(self, pair_names, *, alpha_min=0.0, alpha_max=2.0, max_iter=4, tol=1e-7):
         super().__init__(pair_names)
+        self.workspace = Workspace()
         self.alpha_min, self.alpha_max = _bounds(self.name, alpha_min, alpha_max)
         self.max_iter = int(number_option(self.name, "max_iter", max_iter, 0, 1000))
         self.tol = number_option(self.name, "tol", tol, 1e-12, 1.0)
@@ -374,21 +424,24 @@ class JointSolver(Solver):
         """Loss, residuals [N, 2] and Jacobian [N, 2, P] at weights ``w [N, P]``: one pass."""
         self.passes += 1
         dc = problem.centred  # [N, P, V]
-        s = problem.base + torch.einsum("np,npv->nv", w, dc)
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse.unsqueeze(-1))
-        mean = torch.einsum("nv,npv->np", p, dc)  # E_w[dc_k] = E_w[d_k] - E_P[d_k]
-        second = torch.einsum("npv,nv,nqv->npq", dc, p, dc)
-        cov = second - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+        s = torch.baddbmm(problem.base.unsqueeze(1), w.unsqueeze(1), dc).squeeze(1)  # z + sum_k w_k dc_k, [N, V]
+        top = s.amax(-1, keepdim=True)
+        p = s.sub_(top).exp_()
+        total = p.sum(-1, keepdim=True)
+        p.div_(total)
+        lse = (top + total.log()).squeeze(-1)
+        weighted = torch.mul(dc, p.unsqueeze(1), out=problem.scratch())  # p dc_k, [N, P, V]
+        mean = weighted.sum(-1)  # E_w[dc_k] = E_w[d_k] - E_P[d_k]
+        cov = weighted @ dc.transpose(1, 2) - mean.unsqueeze(-1) * mean.unsqueeze(-2)  # [N, P, P]
         shift = lse - problem.base_lse
         f = ((w * mean).sum(-1) - shift).clamp_min(0.0)
         g = shift.clamp_min(0.0)
         residual = torch.stack([f - problem.target_f, g - problem.target_g], dim=-1)
-        jacobian = torch.stack([torch.einsum("npq,nq->np", cov, w), mean], dim=1)
+        jacobian = torch.stack([(cov @ w.unsqueeze(-1)).squeeze(-1), mean], dim=1)
         return (residual**2).sum(-1), residual, jacobian
 
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
-        problem = _Problem(inputs)
+        problem = _Problem(inputs, self.workspace)
         t, loss = self._start.solve_pairs(problem)
         self.passes += self._start.passes
         self._start.passes = 0
