@@ -42,7 +42,7 @@ class DLFLM(HFLM):
         registry: path to a registry YAML, or a shipped registry's name (default ``toy``).
         experts: pair names joined by ``+`` (``gsm8k+triviaqa``), ``all``, or empty for
             the large base alone.
-        solver: a registered solver's name (default ``static``).
+        solver: a registered solver's name (default ``dlf``).
         dtype: overrides every model's registry dtype (auto, float32, float16, bfloat16).
         trace: path of a JSONL file receiving the per-token weights of every generation.
         placement: overrides every model's registry placement: a device (``cuda:1``,
@@ -55,7 +55,7 @@ class DLFLM(HFLM):
         self,
         registry: str | None = None,
         experts: str = "",
-        solver: str = "static",
+        solver: str = "dlf",
         dtype: str | None = None,
         trace: str | None = None,
         placement: str | None = None,

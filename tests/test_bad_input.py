@@ -117,14 +117,14 @@ def test_unknown_solver(tiny_world, no_model_loads):
 @pytest.mark.parametrize("value", [-1, "-0.5", "nan", float("nan"), "inf", "heavy"])
 def test_bad_static_weight(tiny_world, no_model_loads, value):
     with pytest.raises(SolverOptionError, match=r"model_args weight="):
-        build(str(tiny_world["registry"]), experts="a1", weight=value)
+        build(str(tiny_world["registry"]), experts="a1", solver="static", weight=value)
 
 
 def test_bad_per_pair_weights(tiny_world, no_model_loads):
     with pytest.raises(SolverOptionError, match=r"weights='zz:1.0'.*one of the chosen experts \(a1\)"):
-        build(str(tiny_world["registry"]), experts="a1", weights="zz:1.0")
+        build(str(tiny_world["registry"]), experts="a1", solver="static", weights="zz:1.0")
     with pytest.raises(SolverOptionError, match=r"weights \(a1\)"):
-        build(str(tiny_world["registry"]), experts="a1", weights="a1:-2")
+        build(str(tiny_world["registry"]), experts="a1", solver="static", weights="a1:-2")
 
 
 def test_unknown_model_arg(tiny_world, no_model_loads):

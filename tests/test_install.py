@@ -153,7 +153,7 @@ def test_bad_input_through_the_command_writes_nothing(regular, tiny_world):
     kind, python, root = regular
     out_dir = root / "bad-results"
     bad = run(python, "-m", "lm_eval", "run", "--model", "dlf",
-              "--model_args", f"registry={tiny_world['registry']},experts=a1,weight=-1",
+              "--model_args", f"registry={tiny_world['registry']},experts=a1,solver=static,weight=-1",
               "--tasks", "toy_demo_mc", "--include_path", str(REPO / "tasks"), "--output_path", str(out_dir), cwd=root)
     assert bad.returncode != 0
     assert "model_args weight=-1" in bad.stderr
@@ -203,5 +203,5 @@ def test_third_party_solver_package_through_the_command(regular, tiny_world):
         pm.unregister(name="example-in-process")
         hooks.reset_solvers()
     assert ours == pytest.approx(logged, rel=1e-5, abs=1e-4)
-    static = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", weight=0.5)
+    static = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="static", weight=0.5)
     assert [lp for lp, _ in static.loglikelihood(requests)] != pytest.approx(logged, rel=1e-5, abs=1e-4)

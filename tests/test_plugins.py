@@ -87,7 +87,7 @@ def test_in_process_plugin_is_used_by_the_model(tiny_world, plugin):
     weights = torch.cat(seen)
     assert weights.shape[1] == 2 and bool((weights > 0).all()) and bool((weights <= 0.5).all())
     assert len({round(float(w), 6) for w in weights[:, 0]}) > 1  # dynamic: varies by position
-    static = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", weight=0.0)
+    static = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="static", weight=0.0)
     assert [r[0] for r in result] != pytest.approx([r[0] for r in static.loglikelihood(REQUESTS)])
 
 

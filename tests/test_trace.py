@@ -46,7 +46,7 @@ def test_generation_trace_matches_generation_and_teacher_forced_scoring(tiny_wor
 
 def test_trace_loss_is_the_objective_at_the_traced_weights(tiny_world, tmp_path):
     path = tmp_path / "static.jsonl"
-    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", weight=0.7, trace=str(path))
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="static", weight=0.7, trace=str(path))
     ctx = lm.tok_encode("The river")
     cont = lm.tok_encode(" Tesh flows north")[1:]
     lm._loglikelihood_tokens([(("The river", " Tesh flows north"), ctx, cont)])
