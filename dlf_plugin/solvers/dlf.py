@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from dlf_plugin.fusion import MAX_DELTA, FusionInputs, TiltStats, moment_powers, tilt_kls, tilt_stats
+from dlf_plugin.fusion import MAX_DELTA, FusionInputs, TiltStats, moment_powers, shifted_exp_, tilt_kls, tilt_stats
 from dlf_plugin.solvers.base import Solver, SolverOptionError, number_option
 
 
@@ -50,8 +50,7 @@ class Workspace:
 
 def _lse_and_mean(logits: torch.Tensor, values: torch.Tensor, scratch: torch.Tensor):
     """logsumexp(logits) and E_softmax(logits)[values] over the last dim, in ``scratch``."""
-    top = logits.amax(-1, keepdim=True)
-    weights = torch.sub(logits, top, out=scratch).exp_()
+    weights, top = shifted_exp_(scratch.copy_(logits))
     total = weights.sum(-1)
     mean = weights.mul_(values).sum(-1) / total
     return top.squeeze(-1) + total.log(), mean
@@ -75,8 +74,7 @@ class _Problem:
         shift = lse_expert - lse_small
         self.target_f = (mean_expert - shift).clamp_min(0.0).mean(-1)  # [N], mean of a_k
         self.target_g = (shift - mean_small).clamp_min(0.0).mean(-1)  # [N], mean of b_k
-        top = self.base.amax(-1, keepdim=True)
-        self.p0 = torch.sub(self.base, top, out=workspace.get("p0", self.base.shape, self.base)).exp_()  # P, [N, V]
+        self.p0, top = shifted_exp_(workspace.get("p0", self.base.shape, self.base).copy_(self.base))  # P, [N, V]
         total = self.p0.sum(-1, keepdim=True)
         self.p0.div_(total)
         self.base_lse = (top + total.log()).squeeze(-1)  # [N]
@@ -97,6 +95,8 @@ class _Problem:
 
     def scratch(self, rows: int | None = None) -> torch.Tensor:
         """A reusable ``[N, P, V]`` buffer for one pass, or its first ``rows`` rows as ``[rows, V]``."""
+        if rows is not None and rows > self.shape[0] * self.shape[1]:
+            return self.workspace.get("scratch-points", (rows, self.shape[-1]), self.base)
         buffer = self.workspace.get("scratch", self.shape, self.base)
         return buffer if rows is None else buffer.view(-1, buffer.shape[-1])[:rows]
 
@@ -120,6 +120,23 @@ class _Problem:
         """f and g of alpha = t_k e_k for every pair k at once: ``t [N, P] -> ([N, P], [N, P])``."""
         return tilt_kls(self.base.unsqueeze(1), self.centred, t, self.base_lse.unsqueeze(1), self.powers(1), self.scratch())
 
+    def stats_at(self, rows: torch.Tensor, pairs: torch.Tensor, t: torch.Tensor) -> TiltStats:
+        """Stats for the listed (row, pair) directions at weights ``t`` (repeats allowed), one pass.
+
+        Gathers with index_select on flattened views: whole rows copied, far faster on a
+        CPU than advanced indexing.
+        """
+        n, p, v = self.shape
+        flat = rows * p + pairs
+        return tilt_stats(
+            self.base.index_select(0, rows),
+            self.centred.view(n * p, v).index_select(0, flat),
+            t,
+            self.base_lse.index_select(0, rows),
+            self.powers(3).view(n * p, 3, v).index_select(0, flat),
+            self.scratch(len(rows)),
+        )
+
     def stats_along_pairs(self, t: torch.Tensor, active: torch.Tensor | None = None) -> TiltStats:
         """f, g and derivatives along every pair's direction at ``t [N, P]``.
 
@@ -136,10 +153,7 @@ class _Problem:
             nan = torch.tensor(float("nan"), dtype=t.dtype, device=t.device)
             return TiltStats(*(torch.where(active, x, nan) for x in dataclasses.astuple(stats)))
         rows, pairs = active.nonzero(as_tuple=True)
-        part = tilt_stats(
-            self.base[rows], self.centred[rows, pairs], t[rows, pairs], self.base_lse[rows],
-            self.powers(3)[rows, pairs], self.scratch(len(rows)),
-        )
+        part = self.stats_at(rows, pairs, t[rows, pairs])
         out = []
         for x in dataclasses.astuple(part):
             values = torch.full_like(t, float("nan"))
@@ -257,15 +271,19 @@ class ExactSolver(Solver):
         # The loss may have several local minima (peaked logits): make sure no point of the
         # paper's grid beats the answer, evaluating those the evaluated points cannot rule out.
         while True:
-            candidate, pending = search.unresolved(grid)
+            candidates, pending = search.unresolved(grid, CERTIFY_PER_ROUND)
             if not bool(pending.any()):
                 break
-            improved = search.evaluate(candidate, pending)[3]
+            improved = search.evaluate_points(candidates, pending)
             if bool(improved.any()):  # a better basin: polish its minimum
                 step = float(grid[1] - grid[0]) if len(grid) > 1 else 0.0
                 search.newton(search.best_t, self.max_iter, active=improved, radius=step)
         self.passes += search.passes
         return search.best_t, search.best_loss
+
+
+# Grid points certified per round: a round is one pass over the directions that need it.
+CERTIFY_PER_ROUND = 4
 
 
 class _Search:
@@ -353,9 +371,9 @@ class _Search:
             if not bool(moving.any()):
                 break
 
-    def unresolved(self, grid):
-        """Per direction, a grid point whose loss the evaluated points cannot bound above the
-        best loss (the one with the lowest bound), and whether there is one.
+    def unresolved(self, grid, count: int = 1):
+        """Per direction, up to ``count`` grid points whose loss the evaluated points cannot
+        bound above the best loss (lowest bounds first), and which of them are real.
 
         g is convex and increasing (g' = E_t[dc] >= 0, g'' = Var_t >= 0) and f = t g' - g.
         For u <= x <= v evaluated: g(x) lies between every tangent and the chord u-v, g'(x)
@@ -390,8 +408,28 @@ class _Search:
         seen = ((ts - x).abs() <= self.tol).any(-1)  # grid point already evaluated
         slack = 1e3 * torch.finfo(fs.dtype).eps * (1 + self.best_loss.unsqueeze(-1))
         open_ = ~seen & (bound < self.best_loss.unsqueeze(-1) - slack)
-        pick = torch.where(open_, bound, inf).argmin(-1)
-        return grid[pick], open_.any(-1)
+        count = min(count, grid.numel())
+        ranked, pick = torch.where(open_, bound, inf).topk(count, dim=-1, largest=False)
+        return grid[pick], ranked < inf  # [N, P, count] each
+
+    def evaluate_points(self, t: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
+        """Evaluate several points per direction in one pass over the chosen ones:
+        ``t, pending [N, P, M]``; returns where the best improved, ``[N, P]``."""
+        rows, pairs, slots = pending.nonzero(as_tuple=True)
+        self.passes += len(rows) / pending.shape[0]
+        part = self.problem.stats_at(rows, pairs, t[rows, pairs, slots])
+        improved = torch.zeros_like(self.best_t, dtype=torch.bool)
+        for slot in range(t.shape[-1]):
+            chosen = slots == slot
+            if not bool(chosen.any()):
+                continue
+            values = []
+            for x in (t[rows, pairs, slots], part.forward_kl, part.reverse_kl, part.d_reverse):
+                full = torch.full_like(self.best_t, float("nan"))
+                full[rows[chosen], pairs[chosen]] = x[chosen]
+                values.append(full)
+            improved |= self._record(*values)[1]
+        return improved
 
 
 class JointSolver(Solver):
@@ -425,8 +463,7 @@ class JointSolver(Solver):
         self.passes += 1
         dc = problem.centred  # [N, P, V]
         s = torch.baddbmm(problem.base.unsqueeze(1), w.unsqueeze(1), dc).squeeze(1)  # z + sum_k w_k dc_k, [N, V]
-        top = s.amax(-1, keepdim=True)
-        p = s.sub_(top).exp_()
+        p, top = shifted_exp_(s)
         total = p.sum(-1, keepdim=True)
         p.div_(total)
         lse = (top + total.log()).squeeze(-1)
