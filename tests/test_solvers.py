@@ -14,7 +14,8 @@ from dlf_plugin.fusion import FusionInputs
 from dlf_plugin.solvers.dlf import ExactSolver, GridSolver, JointSolver
 from dlf_plugin.solvers.static import StaticSolver
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI sees the same examples every run; widen max_examples locally to search.
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def kl_brute(p_logits, q_logits) -> float:
@@ -144,7 +145,7 @@ def dense_losses(inputs, n, k) -> torch.Tensor:
     return torch.cat(losses)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(fusion_problems(rows=2))
 def test_exact_solver_finds_the_dense_grid_argmin_and_beats_the_paper_grid(inputs):
     weights = ExactSolver(names(inputs)).solve(inputs)
@@ -166,7 +167,9 @@ def test_exact_solver_finds_the_dense_grid_argmin_and_beats_the_paper_grid(input
         i = int(where[k])
         near = per_pair[k, max(i - 5, 0) : i + 6]  # +-1e-4 on the dense grid
         curved = float(near[0] - near[5 if i >= 5 else i]) >= 1e-12 or float(near[-1] - per_pair[k, i]) >= 1e-12
-        if t_dense > 0 and all(o > loss_dense + 1e-9 for o in others) and curved:
+        # The dense grid itself misses a minimum by up to ~L'' h^2 / 8 (h = 2e-5): on peaked
+        # logits that can reach 1e-8, so the runner-up must trail by more than that.
+        if t_dense > 0 and all(o > loss_dense + 1e-6 * (1 + loss_dense) for o in others) and curved:
             assert int(weights[n].argmax()) == k
             assert float(weights[n, k]) == pytest.approx(t_dense, abs=1e-4)
 
