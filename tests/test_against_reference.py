@@ -218,3 +218,21 @@ def test_dynamic_solver_batched_equals_alone(tiny_world, tmp_path):
     assert traces["4"].keys() == traces["1"].keys() and len(traces["4"]) > 20
     for key, batched in traces["4"].items():
         assert batched["loss"] == pytest.approx(traces["1"][key]["loss"], rel=1e-3, abs=1e-6)
+
+
+def test_shared_small_base_runs_once_per_step(tiny_world):
+    """Pairs a1 and a2 share small-a: per decoding step, every model runs exactly once."""
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+a2+b", solver="static")
+    assert lm.engine.forward_order == ["large", "small-a", "small-b", "expert-a1", "expert-a2", "expert-b"]
+    calls = dict.fromkeys(lm.engine.models, 0)
+    handles = [
+        m.register_forward_pre_hook(lambda module, args, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, m in lm.engine.models.items()
+    ]
+    try:
+        context, mask = lm.tok_batch_encode(PROMPTS)
+        lm._model_generate(context, context.shape[1] + 5, stop=[], attention_mask=mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == dict.fromkeys(lm.engine.models, 5)  # prefill + 4 cached steps each
