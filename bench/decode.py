@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--uncached-new", type=int, default=32, help="tokens for (e), which grows quadratically")
+    parser.add_argument("--uncached-new", type=int, default=16, help="tokens for (e), whose cost grows with length")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

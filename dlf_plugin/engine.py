@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import transformers
 
-from dlf_plugin.fusion import FusionInputs, fuse, logit_deltas
+from dlf_plugin.fusion import MAX_DELTA, FusionInputs
 from dlf_plugin.solvers.base import Solver, checked_solve
 
 
@@ -85,6 +85,8 @@ class FusionEngine:
         # Which distinct small base each pair subtracts: index into self.bases.
         self._pair_base = torch.tensor([self.bases.index(p.base) for p in pairs], dtype=torch.long, device=self.device)
         self._pair_expert = torch.tensor([self.experts.index(p.expert) for p in pairs], dtype=torch.long, device=self.device)
+        self._bases_in_pair_order = self._pair_base.tolist() == list(range(len(pairs)))
+        self._experts_in_pair_order = self._pair_expert.tolist() == list(range(len(pairs)))
         self._keeps = {name: "logits_to_keep" in inspect.signature(m.forward).parameters for name, m in models.items()}
         self.observer: StepObserver | None = None
 
@@ -111,18 +113,23 @@ class FusionEngine:
         if self._keeps[name]:
             kwargs["logits_to_keep"] = keep
         logits = model(input_ids.to(device), **kwargs).logits[:, -keep:, : self.vocab_size]
-        return logits.to(self.device, torch.float32)
+        logits = logits.to(self.device, torch.float32)
+        # A model may forbid tokens with -inf; keep every logit finite so that weighted sums
+        # (0 x -inf) and differences (-inf - -inf) stay numbers.
+        return torch.nan_to_num_(logits, nan=0.0, posinf=MAX_DELTA, neginf=-MAX_DELTA)
 
     def _fuse_rows(self, base: torch.Tensor, smalls: list[torch.Tensor], experts: list[torch.Tensor], row_mask: torch.Tensor) -> Fused:
         """Solve and fuse N rows: ``base [N, V]``, each small/expert ``[N, V]``."""
         n, v = base.shape
         if not self.pairs:
             return Fused(base, base.new_zeros(n, 0), FusionInputs(base, base.new_zeros(n, 0, v), base.new_zeros(n, 0, v), row_mask))
-        small = torch.stack(smalls, dim=1).index_select(1, self._pair_base)  # [N, P, V]
-        expert = torch.stack(experts, dim=1).index_select(1, self._pair_expert)  # [N, P, V]
+        small = _by_pair(smalls, self._pair_base, self._bases_in_pair_order)  # [N, P, V]
+        expert = _by_pair(experts, self._pair_expert, self._experts_in_pair_order)  # [N, P, V]
         inputs = FusionInputs(base, small, expert, row_mask)
         weights = checked_solve(self.solver, self.plugin, inputs)
-        fused = fuse(base, logit_deltas(small, expert), weights)
+        # z_L + sum_k w_k z_Ek - sum_k w_k z_Sk, without materialising the deltas.
+        w = weights.to(base.dtype).unsqueeze(1)  # [N, 1, P]
+        fused = torch.baddbmm(base.unsqueeze(1), w, expert).baddbmm_(w, small, alpha=-1).squeeze(1)
         return Fused(fused, weights, inputs)
 
     # -- teacher-forced scoring -----------------------------------------------------------
@@ -236,6 +243,12 @@ def choose_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+
+
+def _by_pair(logits: list[torch.Tensor], index: torch.Tensor, identity: bool) -> torch.Tensor:
+    """Stack distinct models' logits ``[N, V]`` into ``[N, P, V]`` in pair order (one copy)."""
+    stacked = torch.stack(logits, dim=1)
+    return stacked if identity else stacked.index_select(1, index)
 
 
 def _model_device(model) -> torch.device:
