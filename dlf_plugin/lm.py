@@ -23,7 +23,7 @@ import dlf_plugin
 from dlf_plugin import loading
 from dlf_plugin.engine import FusionEngine, Pair, Sampling
 from dlf_plugin.registry import DTYPES, RegistryError, load_registry
-from dlf_plugin.solvers.base import SolverOptionError, make_solver
+from dlf_plugin.solvers.base import make_solver
 from dlf_plugin.trace import TraceWriter
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ class DLFLM(HFLM):
         self.registry = load_registry(registry)
         names = _split_experts(experts, list(self.registry.pairs))
         pair_specs = self.registry.select(names)
-        self._check_solver_args(solver, kwargs)
-        solver_obj, plugin = make_solver(str(solver), [p.name for p in pair_specs], kwargs)
+        solver_obj, plugin = make_solver(str(solver), [p.name for p in pair_specs], kwargs, DLF_ARGS + PASSED_TO_HFLM)
         if dtype is not None and dtype not in DTYPES:
             raise RegistryError(f"model_args dtype={dtype!r} is not one of {', '.join(DTYPES)}")
 
@@ -106,22 +105,6 @@ class DLFLM(HFLM):
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
         _reject_device(arg_dict)
         return super().create_from_arg_obj(arg_dict, additional_config)
-
-    @staticmethod
-    def _check_solver_args(solver: str, options: dict) -> None:
-        from dlf_plugin.hooks import get_solvers
-
-        solvers = get_solvers()
-        if solver not in solvers:
-            return  # make_solver names the valid solvers
-        accepted = solvers[solver][0].option_names()
-        unknown = sorted(set(options) - set(accepted))
-        if unknown:
-            raise SolverOptionError(
-                f"model_args: unknown key(s) {', '.join(unknown)}; dlf accepts "
-                f"{', '.join(DLF_ARGS + PASSED_TO_HFLM)}, and solver {solver!r} accepts "
-                f"{', '.join(accepted) or 'no options'}"
-            )
 
     # -- scoring --------------------------------------------------------------------------
 

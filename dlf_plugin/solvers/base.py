@@ -79,8 +79,13 @@ def number_option(solver: str, option: str, value: Any, low: float = -math.inf, 
     return number
 
 
-def make_solver(name: str, pair_names: Sequence[str], options: dict[str, Any]) -> tuple[Solver, str]:
+def make_solver(
+    name: str, pair_names: Sequence[str], options: dict[str, Any], other_keys: Sequence[str] = ()
+) -> tuple[Solver, str]:
     """Build the solver registered as ``name`` with ``options``; returns it and its plugin name.
+
+    ``other_keys`` are the caller's own argument names, listed beside the solver's options
+    when an option is unknown.
 
     Raises:
         SolverOptionError: unknown solver name, unknown option or invalid value.
@@ -97,9 +102,10 @@ def make_solver(name: str, pair_names: Sequence[str], options: dict[str, Any]) -
     accepted = cls.option_names()
     unknown = sorted(set(options) - set(accepted))
     if unknown:
+        ours = f"dlf accepts {', '.join(other_keys)}, and " if other_keys else ""
         raise SolverOptionError(
-            f"model_args: unknown option(s) {', '.join(unknown)} for solver {name!r} "
-            f"(plugin {plugin!r}); it accepts: {', '.join(accepted) or 'no options'}"
+            f"model_args: unknown key(s) {', '.join(unknown)}; {ours}solver {name!r} accepts "
+            f"{', '.join(accepted) or 'no options'} (plugin {plugin!r})"
         )
     try:
         return cls(pair_names, **options), plugin
