@@ -238,35 +238,39 @@ def shared_base(models, args, device, dtype) -> None:
 
 
 def memory(models, args, device) -> bool:
-    """Peak memory of fused generation beside weights + KV caches."""
-    batch = max(args.batches)
-    ids, mask = prompts(batch, args.prompt, device)
-    length = args.prompt + args.new
+    """Peak memory of fused generation beside weights + KV caches, at the two largest batch sizes.
+
+    What lies beyond weights and caches must grow like rows x models x vocabulary: it is
+    printed in units of one float32 logit row per model and sequence, at both sizes.
+    """
+    ok = True
     weights = sum(weight_bytes(m) for m in models.values())
-    kv = sum(kv_cache_bytes(m, batch, length) for m in models.values())
     engine = FusionEngine(models, "large", [Pair("task", "expert", "small")], VOCAB, ExactSolver(["task"]), "builtin")
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fused_generate(engine, ids, mask, args.new)
-        peak = torch.cuda.max_memory_allocated() - before + weights
-    else:
-        if not rss_peak_reset():
-            print("\nmemory: cannot reset the peak resident size here; skipped")
-            return True
-        before = rss("VmRSS")
-        fused_generate(engine, ids, mask, args.new)
-        peak = rss("VmHWM") - before + weights
-    beyond = peak - weights - kv
-    logits = batch * 3 * VOCAB * 4  # one float32 row of logits per model
-    print(f"\npeak memory of fused generation, batch {batch}, {length} tokens:")
-    print(f"  weights {weights / 2**20:.1f} MiB + KV caches {kv / 2**20:.1f} MiB = {(weights + kv) / 2**20:.1f} MiB;"
-          f" peak {peak / 2**20:.1f} MiB; beyond {beyond / 2**20:.1f} MiB"
-          f" = {beyond / logits:.1f} x (rows x models x vocabulary x 4 bytes)")
-    # The working set beyond weights and caches must stay O(rows x pairs x vocabulary):
-    # a fixed number of logit-sized buffers, here at most 40 (prefill activations included).
-    return target("memory_beyond_weights_and_cache_in_logit_rows", beyond / logits, 40)
+    length = args.prompt + args.new
+    print(f"\npeak memory of fused generation, {length} tokens (weights {weights / 2**20:.1f} MiB):")
+    for batch in sorted(set(args.batches))[-2:]:
+        ids, mask = prompts(batch, args.prompt, device)
+        kv = sum(kv_cache_bytes(m, batch, length) for m in models.values())
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fused_generate(engine, ids, mask, args.new)
+            peak = torch.cuda.max_memory_allocated() - before + weights
+        else:
+            if not rss_peak_reset():
+                print("  cannot reset the peak resident size here; skipped")
+                return True
+            before = rss("VmRSS")
+            fused_generate(engine, ids, mask, args.new)
+            peak = rss("VmHWM") - before + weights
+        beyond = peak - weights - kv
+        logits = batch * len(models) * VOCAB * 4
+        print(f"  batch {batch:>3}: KV caches {kv / 2**20:7.1f} MiB; peak {peak / 2**20:7.1f} MiB; beyond weights + KV"
+              f" {beyond / 2**20:6.1f} MiB = {beyond / logits:.1f} logit rows per sequence and model")
+        # A fixed number of logit-sized buffers (prefill activations included): at most 40.
+        ok &= target(f"memory_beyond_weights_and_cache_in_logit_rows_batch{batch}", beyond / logits, 40)
+    return ok
 
 
 def scoring(models, engines, args, device) -> bool:

@@ -92,6 +92,8 @@ class DLFLM(HFLM):
             solver=solver_obj,
             plugin=plugin,
         )
+        self._chat_template_applied = False
+        self._chat_checked = False
         self.tracer = TraceWriter(trace, [p.name for p in pair_specs], self.tok_decode) if trace else None
 
     # -- construction from lm-eval's model_args ---------------------------------------------
@@ -105,6 +107,35 @@ class DLFLM(HFLM):
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
         _reject_device(arg_dict)
         return super().create_from_arg_obj(arg_dict, additional_config)
+
+    # -- prompt format ----------------------------------------------------------------------
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        self._chat_template_applied = True
+        return super().apply_chat_template(chat_history, add_generation_prompt)
+
+    def _check_prompt_format(self) -> None:
+        """Warn once when the run's prompt format is not the one the chosen experts were tuned on."""
+        if self._chat_checked or not self.pair_specs:
+            return
+        self._chat_checked = True
+        expects = self.pair_specs[0].chat_template  # the registry made them agree
+        if expects != self._chat_template_applied:
+            names = ", ".join(p.name for p in self.pair_specs)
+            logger.warning(
+                "dlf: expert pairs %s of %s %s a chat template, but this run %s one; pass "
+                "--apply_chat_template %s, or set chat_template in the registry",
+                names, self.registry.path, "expect" if expects else "do not expect",
+                "applies no" if expects else "applies", "to lm_eval" if expects else "only for chat experts",
+            )
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._check_prompt_format()
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        self._check_prompt_format()
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
     # -- scoring --------------------------------------------------------------------------
 

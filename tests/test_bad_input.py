@@ -175,3 +175,24 @@ def test_shipped_registries_are_valid():
     assert paper.models[paper.large].location == "meta-llama/Llama-2-13b-hf"
     assert {paper.pairs[p].base for p in paper.pairs} == {"llama-2-7b", "tinyllama-1.1b"}
     assert all(paper.models[p.expert].placeholder for p in paper.pairs.values())
+
+
+def test_chat_template_mismatch_is_reported(tmp_path, tiny_world, caplog):
+    import logging
+
+    from lm_eval.api.instance import Instance
+
+    def edit(doc):
+        doc["pairs"]["a1"]["chat_template"] = True
+
+    lm = build(write_registry(tmp_path, tiny_world, edit), experts="a1", solver="static")
+    request = [Instance("loglikelihood", None, ("The river", " Tesh"), 0)]
+    with caplog.at_level(logging.WARNING, logger="dlf_plugin.lm"):
+        lm.loglikelihood(request)
+        lm.loglikelihood(request)
+    warnings = [r.getMessage() for r in caplog.records if "chat template" in r.getMessage()]
+    assert len(warnings) == 1  # once per model
+    assert "expert pairs a1" in warnings[0] and "expect a chat template" in warnings[0] and "--apply_chat_template" in warnings[0]
+    # Mixing pairs that disagree is refused outright.
+    with pytest.raises(RegistryError, match=r"disagree on chat_template"):
+        build(write_registry(tmp_path, tiny_world, edit), experts="a1+a2")
