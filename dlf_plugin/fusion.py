@@ -103,37 +103,27 @@ def dlf_loss(inputs: FusionInputs, weights: torch.Tensor) -> torch.Tensor:
     return centroid_loss(*fusion_kls(inputs.base_logits, fused), a, b)
 
 
-def moment_powers(centred: torch.Tensor, order: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows dc^1 .. dc^order of the centred deltas: ``[..., V] -> [..., order, V]``."""
-    if order == 1 and out is None:
-        return centred.unsqueeze(-2)
-    if out is None:
-        out = centred.new_empty(*centred.shape[:-1], order, centred.shape[-1])
-    out[..., 0, :] = centred
-    for j in range(1, order):
-        torch.mul(out[..., j - 1, :], centred, out=out[..., j, :])
-    return out
-
-
-def tilt_moments(base_logits, centred, t, powers, out=None):
-    """One pass over the vocabulary: logsumexp(z + t dc) and E_t[dc^j], j = 1 .. J.
+def tilt_moments(base_logits, centred, t, order: int, out=None):
+    """One pass over the vocabulary: logsumexp(z + t dc) and E_t[dc^j], j = 1 .. order.
 
     Args:
         base_logits: z, ``[..., V]``, broadcastable against ``centred``.
         centred: dc, ``[..., V]``.
         t: ``[...]``.
-        powers: ``moment_powers(centred, J)``, ``[..., J, V]``.
-        out: optional scratch of the broadcast shape ``[..., V]`` (reused across passes:
-            fresh multi-megabyte tensors cost page faults on every pass).
+        order: highest moment.
+        out: optional scratch of the broadcast shape ``[..., V]``, overwritten (reused across
+            passes: fresh multi-megabyte tensors cost page faults on every pass).
 
     Returns:
-        (lse ``[...]``, raw moments ``[..., J]``).
+        (lse ``[...]``, raw moments ``[..., order]``).
     """
     tilted = torch.addcmul(base_logits, t.unsqueeze(-1), centred, out=out)
     weights, top = shifted_exp_(tilted)
-    total = weights.sum(-1)
-    sums = (weights.unsqueeze(-2) @ powers.transpose(-1, -2)).squeeze(-2)  # [..., J]
-    return top.squeeze(-1) + total.log(), sums / total.unsqueeze(-1)
+    sums = [weights.sum(-1)]
+    for _ in range(order):  # in place: w dc, w dc^2, ... without a tensor of powers
+        sums.append(weights.mul_(centred).sum(-1))
+    total = sums[0]
+    return top.squeeze(-1) + total.log(), torch.stack(sums[1:], dim=-1) / total.unsqueeze(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +146,9 @@ class TiltStats:
     dd_reverse: torch.Tensor  # g''(t)
 
 
-def tilt_stats(base_logits, centred, t, base_lse, powers, out=None) -> TiltStats:
-    """f, g, f', g', f'', g'' at ``t`` from one pass (``powers`` of order 3)."""
-    lse, moments = tilt_moments(base_logits, centred, t, powers, out)
+def tilt_stats(base_logits, centred, t, base_lse, out=None) -> TiltStats:
+    """f, g, f', g', f'', g'' at ``t`` from one pass."""
+    lse, moments = tilt_moments(base_logits, centred, t, 3, out)
     m1, m2, m3 = moments.unbind(-1)
     var = (m2 - m1 * m1).clamp_min(0.0)
     third = m3 - 3 * m1 * m2 + 2 * m1**3
@@ -173,8 +163,8 @@ def tilt_stats(base_logits, centred, t, base_lse, powers, out=None) -> TiltStats
     )
 
 
-def tilt_kls(base_logits, centred, t, base_lse, powers, out=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f(t), g(t)) only, from one pass (``powers`` of order 1)."""
-    lse, moments = tilt_moments(base_logits, centred, t, powers, out)
+def tilt_kls(base_logits, centred, t, base_lse, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(t), g(t)) only, from one pass."""
+    lse, moments = tilt_moments(base_logits, centred, t, 1, out)
     shift = lse - base_lse
     return (t * moments[..., 0] - shift).clamp_min(0.0), shift.clamp_min(0.0)
