@@ -233,8 +233,6 @@ def shared_base(models, args, device, dtype) -> None:
     fused = timed(lambda: fused_generate(engine, ids, mask, new), device, 1) / new
     print(f"  fused {fused * 1e3:.2f} ms/token vs sum of the six models alone {sum(alone.values()) * 1e3:.2f}"
           f" (ratio {fused / sum(alone.values()):.3f})")
-    del experts, engine
-    gc.collect()
 
 
 def memory(models, args, device) -> bool:
