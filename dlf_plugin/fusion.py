@@ -52,10 +52,19 @@ def shifted_exp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.sub_(top).clamp_min_(floor).exp_(), top
 
 
-def logit_deltas(small_logits: torch.Tensor, expert_logits: torch.Tensor) -> torch.Tensor:
-    """d = z_E - z_S, with NaN set to 0 and infinities clamped to +-1e4."""
-    d = expert_logits - small_logits
-    return torch.nan_to_num(d, nan=0.0).clamp_(-MAX_DELTA, MAX_DELTA)
+def logit_deltas(small_logits: torch.Tensor, expert_logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """d = z_E - z_S (into ``out`` if given), with NaN set to 0 and values clamped to +-1e4."""
+    d = torch.sub(expert_logits, small_logits, out=out)
+    return torch.nan_to_num_(d, nan=0.0, posinf=MAX_DELTA, neginf=-MAX_DELTA).clamp_(-MAX_DELTA, MAX_DELTA)
+
+
+def lse_and_mean(logits: torch.Tensor, values: torch.Tensor, scratch: torch.Tensor | None = None):
+    """logsumexp(logits) and E_softmax(logits)[values] over the last dim (working in ``scratch``)."""
+    scratch = logits.clone() if scratch is None else scratch.copy_(logits)
+    weights, top = shifted_exp_(scratch)
+    total = weights.sum(-1)
+    mean = weights.mul_(values).sum(-1) / total
+    return top.squeeze(-1) + total.log(), mean
 
 
 def fuse(base_logits: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -72,18 +81,23 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tenso
     return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
 
 
-def kl_targets(small_logits: torch.Tensor, expert_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_targets(
+    small_logits: torch.Tensor,
+    expert_logits: torch.Tensor,
+    deltas: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per pair, a_k = KL(R_k || Q_k) and b_k = KL(Q_k || R_k); each ``[N, P]``.
 
-    Both from one log-softmax of each model: with r = log R - log Q,
-    a = E_R[r] and b = -E_Q[r].
+    From the deltas d = z_E - z_S (``logit_deltas``, computed when not given):
+    a = E_R[d] - (lse z_E - lse z_S) and b = (lse z_E - lse z_S) - E_Q[d].
     """
-    log_q = torch.log_softmax(small_logits, dim=-1)
-    log_r = torch.log_softmax(expert_logits, dim=-1)
-    ratio = log_r - log_q
-    a = (log_r.exp_() * ratio).sum(-1)
-    b = -(log_q.exp_() * ratio).sum(-1)
-    return a.clamp_min(0.0), b.clamp_min(0.0)
+    if deltas is None:
+        deltas = logit_deltas(small_logits, expert_logits)
+    lse_small, mean_small = lse_and_mean(small_logits, deltas, scratch)
+    lse_expert, mean_expert = lse_and_mean(expert_logits, deltas, scratch)
+    shift = lse_expert - lse_small
+    return (mean_expert - shift).clamp_min(0.0), (shift - mean_small).clamp_min(0.0)
 
 
 def fusion_kls(base_logits: torch.Tensor, fused_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from dlf_plugin.fusion import MAX_DELTA, FusionInputs, TiltStats, shifted_exp_, tilt_kls, tilt_stats
+from dlf_plugin.fusion import FusionInputs, TiltStats, kl_targets, logit_deltas, shifted_exp_, tilt_kls, tilt_stats
 from dlf_plugin.solvers.base import Solver, SolverOptionError, number_option
 
 
@@ -48,14 +48,6 @@ class Workspace:
         return buffer
 
 
-def _lse_and_mean(logits: torch.Tensor, values: torch.Tensor, scratch: torch.Tensor):
-    """logsumexp(logits) and E_softmax(logits)[values] over the last dim, in ``scratch``."""
-    weights, top = shifted_exp_(scratch.copy_(logits))
-    total = weights.sum(-1)
-    mean = weights.mul_(values).sum(-1) / total
-    return top.squeeze(-1) + total.log(), mean
-
-
 class _Problem:
     """The per-row quantities every DLF solver needs, computed once: ``[N, ...]`` tensors."""
 
@@ -65,15 +57,9 @@ class _Problem:
         self.base = inputs.base_logits  # [N, V]
         small, expert = inputs.small_logits, inputs.expert_logits  # [N, P, V]
         self.shape = tuple(expert.shape)
-        d = torch.sub(expert, small, out=workspace.get("deltas", expert.shape, expert))
-        torch.nan_to_num(d, nan=0.0, posinf=MAX_DELTA, neginf=-MAX_DELTA, out=d).clamp_(-MAX_DELTA, MAX_DELTA)
-        # Targets from d: KL(R||Q) = E_R[d] - (lse R - lse Q), KL(Q||R) = (lse R - lse Q) - E_Q[d].
-        scratch = self.scratch()
-        lse_small, mean_small = _lse_and_mean(small, d, scratch)
-        lse_expert, mean_expert = _lse_and_mean(expert, d, scratch)
-        shift = lse_expert - lse_small
-        self.target_f = (mean_expert - shift).clamp_min(0.0).mean(-1)  # [N], mean of a_k
-        self.target_g = (shift - mean_small).clamp_min(0.0).mean(-1)  # [N], mean of b_k
+        d = logit_deltas(small, expert, out=workspace.get("deltas", expert.shape, expert))
+        a, b = kl_targets(small, expert, deltas=d, scratch=self.scratch())  # [N, P] each
+        self.target_f, self.target_g = a.mean(-1), b.mean(-1)  # [N]: the centroid's targets
         self.p0, top = shifted_exp_(workspace.get("p0", self.base.shape, self.base).copy_(self.base))  # P, [N, V]
         total = self.p0.sum(-1, keepdim=True)
         self.p0.div_(total)
