@@ -52,9 +52,9 @@ def _build(root: Path) -> dict:
         "models": {name: {"path": name} for name in [*shapes, "foreign"]},
         "large": "large",
         "pairs": {
-            "a1": {"expert": "expert-a1", "base": "small-a", "tasks": ["toy_demo_qa"]},
-            "a2": {"expert": "expert-a2", "base": "small-a", "tasks": ["toy_demo_mc"]},
-            "b": {"expert": "expert-b", "base": "small-b", "tasks": ["toy_demo_qa"]},
+            "a1": {"expert": "expert-a1", "base": "small-a", "tasks": ["toy_qa"]},
+            "a2": {"expert": "expert-a2", "base": "small-a", "tasks": ["toy_mc"]},
+            "b": {"expert": "expert-b", "base": "small-b", "tasks": ["toy_qa"]},
             "foreign": {"expert": "foreign", "base": "small-a", "tasks": []},
         },
     }

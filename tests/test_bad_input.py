@@ -170,7 +170,7 @@ def test_registry_loads_without_torch(tiny_world):
 
 def test_shipped_registries_are_valid():
     toy = load_registry("toy")
-    assert toy.large == "large-base" and set(toy.pairs) == {"qa", "mc"}
+    assert toy.large == "large-base" and set(toy.pairs) == {"qa", "fill", "num", "table"}
     paper = load_registry("paper")
     assert paper.models[paper.large].location == "meta-llama/Llama-2-13b-hf"
     assert {paper.pairs[p].base for p in paper.pairs} == {"llama-2-7b", "tinyllama-1.1b"}

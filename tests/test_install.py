@@ -104,7 +104,7 @@ def test_lm_eval_command_runs_dlf_and_records_metadata(regular, tiny_world):
     args = [
         "-m", "lm_eval", "run", "--model", "dlf",
         "--model_args", f"registry={tiny_world['registry']},experts=a1+b,solver=static,weight=0.5",
-        "--tasks", "toy_demo_qa,toy_demo_mc", "--include_path", str(REPO / "tasks"),
+        "--tasks", "toy_qa,toy_mc", "--include_path", str(REPO / "tasks"),
         "--limit", "3", "--batch_size", "2", "--output_path", str(out_dir), "--log_samples",
         "--use_cache", str(root / "cache"),
     ]
@@ -115,7 +115,7 @@ def test_lm_eval_command_runs_dlf_and_records_metadata(regular, tiny_world):
     assert meta["registry"]["sha256"] == hashlib.sha256(tiny_world["registry"].read_bytes()).hexdigest()
     assert meta["registry"]["path"] == str(tiny_world["registry"])
     assert [p["name"] for p in meta["pairs"]] == ["a1", "b"]
-    assert meta["pairs"][1] == {"name": "b", "expert": "expert-b", "base": "small-b", "tasks": ["toy_demo_qa"], "chat_template": False}
+    assert meta["pairs"][1] == {"name": "b", "expert": "expert-b", "base": "small-b", "tasks": ["toy_qa"], "chat_template": False}
     assert set(meta["models"]) == {"large", "small-a", "small-b", "expert-a1", "expert-b"}
     large = meta["models"]["large"]
     assert large["source"] == str(tiny_world["root"] / "large") and len(large["content_sha256"]) == 64
@@ -123,8 +123,8 @@ def test_lm_eval_command_runs_dlf_and_records_metadata(regular, tiny_world):
     site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=root).stdout.strip())
     version = run(python, "-c", "import dlf_plugin; print(dlf_plugin.__version__)", cwd=root).stdout.strip()
     assert meta["dlf_version"] == version and meta["versions"]["lm_eval"]
-    assert set(results["results"]) == {"toy_demo_qa", "toy_demo_mc"}
-    assert glob.glob(str(out_dir / "**" / "samples_toy_demo_qa_*.jsonl"), recursive=True)
+    assert set(results["results"]) == {"toy_qa", "toy_mc"}
+    assert glob.glob(str(out_dir / "**" / "samples_toy_qa_*.jsonl"), recursive=True)
     assert glob.glob(str(root / "cache*.db"))
 
     # --use_cache: a second run answers from the cache, with the same numbers.
@@ -139,14 +139,14 @@ def test_lm_eval_command_runs_dlf_and_records_metadata(regular, tiny_world):
 def test_lm_eval_default_toy_registry_and_hf_model(regular, tiny_world):
     """The shipped toy registry travels with a regular install; --model hf still works beside dlf."""
     kind, python, root = regular
-    toy = run(python, "-m", "lm_eval", "run", "--model", "dlf", "--model_args", "experts=qa+mc",
-              "--tasks", "toy_demo_mc", "--include_path", str(REPO / "tasks"), "--limit", "2", cwd=root)
+    toy = run(python, "-m", "lm_eval", "run", "--model", "dlf", "--model_args", "experts=qa+fill",
+              "--tasks", "toy_mc", "--include_path", str(REPO / "tasks"), "--limit", "2", cwd=root)
     assert toy.returncode == 0, toy.stderr[-3000:]
-    assert "toy_demo_mc" in toy.stdout
+    assert "toy_mc" in toy.stdout
     hf = run(python, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={tiny_world['root'] / 'large'}",
-             "--device", "cpu", "--tasks", "toy_demo_mc", "--include_path", str(REPO / "tasks"), "--limit", "2", cwd=root)
+             "--device", "cpu", "--tasks", "toy_mc", "--include_path", str(REPO / "tasks"), "--limit", "2", cwd=root)
     assert hf.returncode == 0, hf.stderr[-3000:]
-    assert "toy_demo_mc" in hf.stdout
+    assert "toy_mc" in hf.stdout
 
 
 def test_bad_input_through_the_command_writes_nothing(regular, tiny_world):
@@ -154,7 +154,7 @@ def test_bad_input_through_the_command_writes_nothing(regular, tiny_world):
     out_dir = root / "bad-results"
     bad = run(python, "-m", "lm_eval", "run", "--model", "dlf",
               "--model_args", f"registry={tiny_world['registry']},experts=a1,solver=static,weight=-1",
-              "--tasks", "toy_demo_mc", "--include_path", str(REPO / "tasks"), "--output_path", str(out_dir), cwd=root)
+              "--tasks", "toy_mc", "--include_path", str(REPO / "tasks"), "--output_path", str(out_dir), cwd=root)
     assert bad.returncode != 0
     assert "model_args weight=-1" in bad.stderr
     assert not out_dir.exists()
@@ -166,7 +166,7 @@ def test_third_party_solver_package_through_the_command(regular, tiny_world):
     out_dir = root / "plugin-results"
     result = run(python, "-m", "lm_eval", "run", "--model", "dlf",
                  "--model_args", f"registry={tiny_world['registry']},experts=a1+b,solver=example-agreement,scale=0.5",
-                 "--tasks", "toy_demo_mc", "--include_path", str(REPO / "tasks"), "--limit", "3",
+                 "--tasks", "toy_mc", "--include_path", str(REPO / "tasks"), "--limit", "3",
                  "--output_path", str(out_dir), "--log_samples", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = _results(out_dir)["config"]["dlf"]["solver"]
@@ -180,7 +180,7 @@ def test_third_party_solver_package_through_the_command(regular, tiny_world):
     from dlf_plugin import hooks
     from dlf_plugin.lm import DLFLM
 
-    [samples] = glob.glob(str(out_dir / "**" / "samples_toy_demo_mc_*.jsonl"), recursive=True)
+    [samples] = glob.glob(str(out_dir / "**" / "samples_toy_mc_*.jsonl"), recursive=True)
     rows = [json.loads(line) for line in Path(samples).read_text().splitlines()]
     requests, logged = [], []
     for row in rows:

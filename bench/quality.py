@@ -1,0 +1,146 @@
+"""The paper's Table 1 and Table 2 in miniature, on the toy world, run through lm-eval.
+
+    python bench/quality.py [--limit N] [--batch-size 32]
+
+Table 1 (single task): on each seen task, the large base, the large base fine-tuned on
+that task (the reference fusion tries to reach), the small expert alone, and the large
+base fused with that task's pair by every registered solver (static = proxy-tuning,
+weight 1). Table 2 (multi-task): every task, the unseen one included, with all pairs fused
+at once, beside the large base and the large base fine-tuned on the mix of seen tasks.
+
+Scores are lm-eval's (exact match, or accuracy for the multiple-choice task) with its
+standard errors. "gap closed" is printed both as the paper computes it (fused average /
+fine-tuned average) and normalised by the base ((fused - base) / (fine-tuned - base)).
+Target, per seen task, for the default solver: fused beats both the large base and the
+small expert by more than two standard errors of the difference (sqrt(se1^2 + se2^2)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+
+import lm_eval
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from dlf_plugin import hooks
+from dlf_plugin.lm import DLFLM
+from dlf_plugin.registry import load_registry
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS_DIR = REPO / "tasks" / "toy"
+UNSEEN = "toy_mc"
+
+
+def score(lm, tasks: list[str], manager: TaskManager, limit: int | None) -> dict[str, tuple[float, float]]:
+    """task -> (score, standard error) as lm-eval reports them."""
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                  log_samples=False, bootstrap_iters=0)
+    result = {}
+    for task in tasks:
+        r = out["results"][task]
+        metric = "acc,none" if "acc,none" in r else "exact_match,strip"
+        stderr = r.get(metric.replace(",", "_stderr,"), float("nan"))
+        if not isinstance(stderr, float) or math.isnan(stderr):
+            p, n = r[metric], out["n-samples"][task]["effective"]
+            stderr = math.sqrt(p * (1 - p) / max(1, n - 1))
+        result[task] = (r[metric], stderr)
+    return result
+
+
+def hf(path: Path, batch_size: int) -> HFLM:
+    return HFLM(pretrained=str(path), device="cpu", dtype="float32", batch_size=batch_size)
+
+
+def fmt(cell: tuple[float, float] | None) -> str:
+    return "-" if cell is None else f"{100 * cell[0]:5.1f} ± {100 * cell[1]:4.1f}"
+
+
+def print_table(title: str, tasks: list[str], rows: dict[str, dict[str, tuple[float, float]]]) -> None:
+    print(f"\n{title}")
+    header = f"| {'':24} | " + " | ".join(f"{t:>13}" for t in tasks) + " | average |"
+    print(header)
+    print("|" + "---|" * (len(tasks) + 2))
+    for name, cells in rows.items():
+        avg = average(cells, tasks)
+        print(f"| {name:24} | " + " | ".join(f"{fmt(cells.get(t)):>13}" for t in tasks)
+              + f" | {100 * avg:5.1f}   |")
+
+
+def average(cells: dict[str, tuple[float, float]], tasks: list[str]) -> float:
+    return sum(cells[t][0] for t in tasks) / len(tasks)
+
+
+def gap_lines(label: str, rows: dict, tasks: list[str], base: str, tuned: str, fused: list[str]) -> None:
+    b, f = average(rows[base], tasks), average(rows[tuned], tasks)
+    for name in fused:
+        x = average(rows[name], tasks)
+        norm = (x - b) / (f - b) if f != b else float("nan")
+        print(f"gap closed ({label}, {name}): {x / f:.3f} of the fine-tuned average (paper's measure), "
+              f"{norm:.3f} of the fine-tuned gain over the base")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--solvers", default=None, help="solvers joined by + (default: every registered one)")
+    args = ap.parse_args()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    start = time.time()
+
+    registry = load_registry("toy")
+    manager = TaskManager(include_path=str(TASKS_DIR))
+    pairs = {name: spec.tasks[0] for name, spec in registry.pairs.items()}  # pair -> its seen task
+    seen = list(pairs.values())
+    every = seen + [UNSEEN]
+    path = {name: Path(spec.location) for name, spec in registry.models.items()}
+    solvers = args.solvers.split("+") if args.solvers else list(hooks.get_solvers())
+    default = "dlf"
+    bs = args.batch_size
+
+    # Table 1: one pair per task.
+    t1: dict[str, dict[str, tuple[float, float]]] = {"large base": score(hf(path[registry.large], bs), seen, manager, args.limit)}
+    t1["large fine-tuned"], t1["small expert"] = {}, {}
+    for solver in solvers:
+        t1[f"fused: {solver}"] = {}
+    for pair, task in pairs.items():
+        spec = registry.pairs[pair]
+        t1["large fine-tuned"].update(score(hf(path[f"large-ft-{pair}"], bs), [task], manager, args.limit))
+        t1["small expert"].update(score(hf(path[spec.expert], bs), [task], manager, args.limit))
+        for solver in solvers:
+            lm = DLFLM(registry="toy", experts=pair, solver=solver, batch_size=bs)
+            t1[f"fused: {solver}"].update(score(lm, [task], manager, args.limit))
+    print_table("Table 1: single task (each task fused with its own pair)", seen, t1)
+
+    # Table 2: all pairs at once, the unseen task included.
+    t2 = {"large base": score(hf(path[registry.large], bs), every, manager, args.limit),
+          "large fine-tuned (mix)": score(hf(path["large-ft-mix"], bs), every, manager, args.limit)}
+    for solver in solvers:
+        lm = DLFLM(registry="toy", experts="all", solver=solver, batch_size=bs)
+        t2[f"fused: {solver}"] = score(lm, every, manager, args.limit)
+    print_table(f"Table 2: multi-task (all {len(pairs)} pairs; {UNSEEN} is unseen by every expert)", every, t2)
+    print()
+    fused1 = [k for k in t1 if k.startswith("fused")]
+    fused2 = [k for k in t2 if k.startswith("fused")]
+    gap_lines("single task", t1, seen, "large base", "large fine-tuned", fused1)
+    gap_lines("multi-task, seen tasks", t2, seen, "large base", "large fine-tuned (mix)", fused2)
+    gap_lines("multi-task, all tasks", t2, every, "large base", "large fine-tuned (mix)", fused2)
+    print(f"\n({time.time() - start:.0f}s)")
+    fused = t1[f"fused: {default}"]
+    for task in seen:
+        margins = []
+        for other in ("large base", "small expert"):
+            (x, sx), (y, sy) = fused[task], t1[other][task]
+            margins.append((x - y) / max(math.hypot(sx, sy), 1e-12))
+        m = min(margins)
+        print(f"target {default}_beats_base_and_expert_{task}: {m:.2f} standard errors "
+              f"(goal > 2) {'PASS' if m > 2 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()

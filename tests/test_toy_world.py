@@ -1,0 +1,104 @@
+"""The committed toy world: what the training script promises, checked on its output."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+from lm_eval.tasks import TaskManager
+
+from dlf_plugin import loading
+from dlf_plugin.registry import load_registry
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "train_toy_world.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_toy_world", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def world_script():
+    return _script()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_registry("toy")
+
+
+def test_sizes_and_shared_tokenizer(toy):
+    total = 0
+    for spec in toy.models.values():
+        files = list(Path(spec.location).glob("*.safetensors"))
+        assert files and not list(Path(spec.location).glob("*.bin")), spec.name
+        total += sum(f.stat().st_size for f in files)
+    assert total <= 40e6, f"toy weights take {total / 1e6:.1f} MB"
+    params = {}
+    for name in ("small-base", "large-base"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(toy.models[name].location)
+        params[name] = sum(p.numel() for p in model.parameters())
+    assert params["large-base"] >= 4 * params["small-base"]
+    loading.check_vocabularies(loading.load_tokenizers(list(toy.models.values())), toy.large, toy.path)
+
+
+def test_registry_pairs_every_seen_task_and_holds_references(toy, world_script):
+    seen = [t.name for t in world_script.TASKS if not t.held_out]
+    held_out = [t.name for t in world_script.TASKS if t.held_out]
+    assert len(seen) >= 4 and len(held_out) == 1
+    assert sorted(t for p in toy.pairs.values() for t in p.tasks) == sorted(seen)
+    for pair in toy.pairs:
+        assert f"large-ft-{pair}" in toy.models
+    assert "large-ft-mix" in toy.models
+    assert {p.base for p in toy.pairs.values()} == {"small-base"}
+
+
+def test_task_data_is_the_scripts_world_and_prompts_match_training(tmp_path, monkeypatch, world_script):
+    """The committed test questions are those the script writes; lm-eval renders the very
+    prompts the experts were tuned on; the fine-tuning kingdoms never appear in a test set."""
+    monkeypatch.chdir(tmp_path)  # data paths resolve from the YAML, not the working directory
+    world = world_script.build_world(1500, 250)
+    manager = TaskManager(include_path=str(REPO / "tasks" / "toy"))
+    for i, task in enumerate(world_script.TASKS):
+        expected = world_script.task_rows(world, task, world.test, world_script.SEED + 100 + i)
+        loaded = manager.load_task_or_group([task.name])
+        lm_task = next(iter(loaded.values()))
+        docs = list(lm_task.test_docs())
+        assert [dict(d) for d in docs] == expected, task.name
+        for doc in docs[:20]:
+            assert lm_task.doc_to_text(doc) == task.text(doc["entity"])
+            if task.kind == "choice":
+                assert lm_task.doc_to_choice(doc)[lm_task.doc_to_target(doc)] == doc["answer"]
+            else:
+                assert lm_task.doc_to_target(doc) == doc["answer"]
+        assert not {d["entity"] for d in docs} & set(world.train)
+
+
+def test_training_is_deterministic(tmp_path):
+    """Two runs of the script (shrunk to seconds) write byte-identical weights and data."""
+    digests = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        subprocess.run(
+            [sys.executable, str(SCRIPT), "--entities", "60", "--test", "20", "--paragraphs", "300",
+             "--small-steps", "3", "--large-steps", "2", "--ft-examples", "16", "--ft-epochs", "1",
+             "--vocab", "400", "--out", str(out)],
+            check=True, capture_output=True, text=True,
+        )
+        files = sorted(p for p in out.rglob("*") if p.suffix in (".safetensors", ".jsonl", ".json"))
+        digests.append({str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+    assert len(digests[0]) >= 11 * 2 + 5
+    assert digests[0] == digests[1]
+    rows = [json.loads(line) for line in (tmp_path / "a" / "tasks/toy/data/toy_mc.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all(r["choices"][r["label"]] == r["answer"] for r in rows)
