@@ -104,7 +104,8 @@ def main() -> None:
     bs = args.batch_size
 
     # Table 1: one pair per task.
-    t1: dict[str, dict[str, tuple[float, float]]] = {"large base": score(hf(path[registry.large], bs), seen, manager, args.limit)}
+    base = hf(path[registry.large], bs)  # loaded once, scored in both tables
+    t1: dict[str, dict[str, tuple[float, float]]] = {"large base": score(base, seen, manager, args.limit)}
     t1["large fine-tuned"], t1["small expert"] = {}, {}
     for solver in solvers:
         t1[f"fused: {solver}"] = {}
@@ -118,7 +119,7 @@ def main() -> None:
     print_table("Table 1: single task (each task fused with its own pair)", seen, t1)
 
     # Table 2: all pairs at once, the unseen task included.
-    t2 = {"large base": score(hf(path[registry.large], bs), every, manager, args.limit),
+    t2 = {"large base": score(base, every, manager, args.limit),
           "large fine-tuned (mix)": score(hf(path["large-ft-mix"], bs), every, manager, args.limit)}
     for solver in solvers:
         lm = DLFLM(registry="toy", experts="all", solver=solver, batch_size=bs)

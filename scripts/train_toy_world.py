@@ -17,7 +17,7 @@ Writes (committed output; CI and the demo only load it):
 
 Seeded and deterministic on one machine (single process, fixed thread count):
 
-    python scripts/train_toy_world.py            # ~25 min on 2 CPU cores
+    python scripts/train_toy_world.py            # ~19 min on 2 CPU cores
 """
 
 from __future__ import annotations
