@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from dlf_plugin.fusion import FusionInputs, TiltStats, kl_targets, logit_deltas, shifted_exp_, tilt_kls, tilt_stats
+from dlf_plugin.fusion import FusionInputs, TiltStats, kl_targets, logit_deltas, softmax_lse, tilt_kls, tilt_stats, tilt_values
 from dlf_plugin.solvers.base import Solver, SolverOptionError, number_option
 
 
@@ -60,11 +60,10 @@ class _Problem:
         d = logit_deltas(small, expert, out=workspace.get("deltas", expert.shape, expert))
         a, b = kl_targets(small, expert, deltas=d, scratch=self.scratch())  # [N, P] each
         self.target_f, self.target_g = a.mean(-1), b.mean(-1)  # [N]: the centroid's targets
-        self.p0, top = shifted_exp_(workspace.get("p0", self.base.shape, self.base).copy_(self.base))  # P, [N, V]
-        total = self.p0.sum(-1, keepdim=True)
-        self.p0.div_(total)
-        self.base_lse = (top + total.log()).squeeze(-1)  # [N]
-        self.base_mean = (d @ self.p0.unsqueeze(-1)).squeeze(-1)  # E_P[d_k], [N, P]
+        self.p0, self.base_lse = softmax_lse(self.base, out=workspace.get("p0", self.base.shape, self.base))  # P [N, V], [N]
+        # E_P[d_k] by an elementwise product and a sum: a batched matrix-vector product
+        # takes a slow path on CPUs (20x at 32 rows here).
+        self.base_mean = torch.mul(d, self.p0.unsqueeze(1), out=self.scratch()).sum(-1)  # [N, P]
         self.centred = d.sub_(self.base_mean.unsqueeze(-1))  # dc_k = d_k - E_P[d_k], [N, P, V]
 
     def scratch(self, rows: int | None = None) -> torch.Tensor:
@@ -95,21 +94,29 @@ class _Problem:
         """f and g of alpha = t_k e_k for every pair k at once: ``t [N, P] -> ([N, P], [N, P])``."""
         return tilt_kls(self.base.unsqueeze(1), self.centred, t, self.base_lse.unsqueeze(1), self.scratch())
 
-    def stats_at(self, rows: torch.Tensor, pairs: torch.Tensor, t: torch.Tensor) -> TiltStats:
-        """Stats for the listed (row, pair) directions at weights ``t`` (repeats allowed), one pass.
+    def _directions(self, rows: torch.Tensor, pairs: torch.Tensor):
+        """Base logits, centred deltas and base logsumexp of the listed (row, pair) directions.
 
         Gathers with index_select on flattened views: whole rows copied, far faster on a
         CPU than advanced indexing.
         """
         n, p, v = self.shape
         flat = rows * p + pairs
-        return tilt_stats(
+        return (
             self.base.index_select(0, rows),
             self.centred.view(n * p, v).index_select(0, flat),
-            t,
             self.base_lse.index_select(0, rows),
-            self.scratch(len(rows)),
         )
+
+    def stats_at(self, rows: torch.Tensor, pairs: torch.Tensor, t: torch.Tensor) -> TiltStats:
+        """Stats for the listed (row, pair) directions at weights ``t`` (repeats allowed), one pass."""
+        base, centred, lse = self._directions(rows, pairs)
+        return tilt_stats(base, centred, t, lse, self.scratch(len(rows)))
+
+    def values_at(self, rows: torch.Tensor, pairs: torch.Tensor, t: torch.Tensor):
+        """(f, g, g') for the listed (row, pair) directions at weights ``t``, one first-moment pass."""
+        base, centred, lse = self._directions(rows, pairs)
+        return tilt_values(base, centred, t, lse, self.scratch(len(rows)))
 
     def stats_along_pairs(self, t: torch.Tensor, active: torch.Tensor | None = None) -> TiltStats:
         """f, g and derivatives along every pair's direction at ``t [N, P]``.
@@ -125,13 +132,10 @@ class _Problem:
             nan = torch.tensor(float("nan"), dtype=t.dtype, device=t.device)
             return TiltStats(*(torch.where(active, x, nan) for x in dataclasses.astuple(stats)))
         rows, pairs = active.nonzero(as_tuple=True)
-        part = self.stats_at(rows, pairs, t[rows, pairs])
-        out = []
-        for x in dataclasses.astuple(part):
-            values = torch.full_like(t, float("nan"))
-            values[rows, pairs] = x
-            out.append(values)
-        return TiltStats(*out)
+        part = torch.stack(dataclasses.astuple(self.stats_at(rows, pairs, t[rows, pairs])), dim=-1)  # [R, 6]
+        values = t.new_full((*t.shape, part.shape[-1]), float("nan"))
+        values[rows, pairs] = part
+        return TiltStats(*values.unbind(-1))
 
 def _one_hot_weights(t: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     """Keep, per row, the pair with the lowest loss (first on ties) at its weight; others 0."""
@@ -232,14 +236,17 @@ class ExactSolver(Solver):
         under P); a few scalar Newton steps minimise (f - a)^2 + (g - b)^2 on that model.
         """
         k2, k3 = problem.base_cumulants
+        half, third, sixth, double = k2 / 2, k3 / 3, k3 / 6, 2 * k3
         t = torch.sqrt((tf + tg) / k2)
-        for _ in range(2):
-            t2, t3 = t * t, t * t * t
-            F, G = k2 * t2 / 2 + k3 * t3 / 3 - tf, k2 * t2 / 2 + k3 * t3 / 6 - tg
-            df, dg = k2 * t + k3 * t2, k2 * t + k3 * t2 / 2
-            grad = F * df + G * dg
-            hess = df * df + dg * dg + F * (k2 + 2 * k3 * t) + G * (k2 + k3 * t)
-            t = torch.where(hess > 0, (t - grad / hess).clamp(0.0, 100.0), t)
+        for _ in range(2):  # fused products: at a few rows every operation's overhead counts
+            t2 = t * t
+            F = torch.addcmul(-tf, t2, torch.addcmul(half, third, t))
+            G = torch.addcmul(-tg, t2, torch.addcmul(half, sixth, t))
+            e = torch.addcmul(k2, k3, t)  # df / t and the curvature of G
+            df, dg = t * e, t * torch.addcmul(k2, k3 / 2, t)
+            grad = torch.addcmul(F * df, G, dg)
+            hess = (df * df).addcmul_(dg, dg).addcmul_(F, torch.addcmul(k2, double, t)).addcmul_(G, e)
+            t = torch.where(hess > 0, (t - grad / hess).clamp_(0.0, 100.0), t)
         return torch.nan_to_num(t, nan=0.0)
 
     def solve_pairs(self, problem: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,13 +257,15 @@ class ExactSolver(Solver):
         # The loss may have several local minima (peaked logits): make sure no point of the
         # paper's grid beats the answer, evaluating those the evaluated points cannot rule out.
         while True:
-            candidates, pending = search.unresolved(grid, CERTIFY_PER_ROUND)
+            candidates, pending, complete = search.unresolved(grid, CERTIFY_PER_ROUND)
             if not bool(pending.any()):
                 break
             improved = search.evaluate_points(candidates, pending)
             if bool(improved.any()):  # a better basin: polish its minimum
                 step = float(grid[1] - grid[0]) if len(grid) > 1 else 0.0
                 search.newton(search.best_t, self.max_iter, active=improved, radius=step)
+            elif complete:  # every open point evaluated, none better: all certified
+                break
         self.passes += search.passes
         return search.best_t, search.best_loss
 
@@ -281,7 +290,7 @@ class _Search:
         self.low, self.high = low, high
         self.lo = torch.full_like(problem.base_mean, low)
         self.hi = torch.full_like(problem.base_mean, high)
-        self.ts, self.fs, self.gs, self.dgs = [], [], [], []
+        self.points = []  # (t, f, g, g') per evaluation, each [N, P, points]
         self.passes = 0
         self.best_t = self.lo.clone()
         self.best_loss = torch.full_like(self.lo, float("inf"))
@@ -292,15 +301,20 @@ class _Search:
             self.evaluate(self.lo)
 
     def _record(self, t, f, g, dg):
-        self.ts.append(t)
-        self.fs.append(f)
-        self.gs.append(g)
-        self.dgs.append(dg)
-        loss = (f - self.tf) ** 2 + (g - self.tg) ** 2
+        """Keep evaluated points, ``[N, P]`` or several per direction ``[N, P, M]`` (NaN where
+        none); returns F = f - a, G = g - b, the loss and where the best improved."""
+        several = t.dim() == 3
+        self.points.append(tuple(x if several else x.unsqueeze(-1) for x in (t, f, g, dg)))
+        tf, tg = (self.tf.unsqueeze(-1), self.tg.unsqueeze(-1)) if several else (self.tf, self.tg)
+        F, G = f - tf, g - tg
+        loss = torch.addcmul(F * F, G, G)
+        if several:  # the best of each direction's points
+            lowest, which = loss.nan_to_num(nan=float("inf")).min(-1, keepdim=True)
+            t, loss = t.gather(-1, which).squeeze(-1), lowest.squeeze(-1)
         improved = loss < self.best_loss
         self.best_t = torch.where(improved, t, self.best_t)
         self.best_loss = torch.where(improved, loss, self.best_loss)
-        return loss, improved
+        return F, G, loss, improved
 
     def evaluate(self, t, active=None):
         """One pass: loss, h = L'/2, h' = L''/2 and whether the best improved, at ``t [N, P]``
@@ -310,10 +324,10 @@ class _Search:
         stats = self.problem.stats_along_pairs(t, active)
         if active is not None:
             t = torch.where(active, t, torch.full_like(t, float("nan")))
-        loss, improved = self._record(t, stats.forward_kl, stats.reverse_kl, stats.d_reverse)
-        F, G = stats.forward_kl - self.tf, stats.reverse_kl - self.tg
-        h = F * stats.d_forward + G * stats.d_reverse
-        dh = stats.d_forward**2 + stats.d_reverse**2 + F * stats.dd_forward + G * stats.dd_reverse
+        F, G, loss, improved = self._record(t, stats.forward_kl, stats.reverse_kl, stats.d_reverse)
+        df, dg = stats.d_forward, stats.d_reverse
+        h = torch.addcmul(F * df, G, dg)
+        dh = (df * df).addcmul_(dg, dg).addcmul_(F, stats.dd_forward).addcmul_(G, stats.dd_reverse)
         return loss, h, dh, improved
 
     def newton(self, t, max_iter, active=None, radius=None):
@@ -321,6 +335,8 @@ class _Search:
 
         The bracket holds the minimiser: h < 0 left of it, h >= 0 right of it. alpha_max is
         not evaluated up front: a step past it lands on it, and h there tells the rest.
+        Written with fused operations: at a few rows each operation's overhead, not the
+        vocabulary pass, is what costs.
         """
         active = torch.ones_like(t, dtype=torch.bool) if active is None else active
         left, right = self.lo.clone(), self.hi.clone()
@@ -330,86 +346,77 @@ class _Search:
         moving = active
         for _ in range(max_iter):
             _, h, dh, _ = self.evaluate(t, None if bool(moving.all()) else moving)
-            left = torch.where(h < 0, t, left)
-            right = torch.where(h >= 0, t, right)
+            falling = h < 0
+            left = torch.where(falling, t, left)
+            right = torch.where(falling, right, t)
             # Newton in s = t^2, where f and g are nearly linear (both ~ s Var_P[d] / 2):
-            # dL/ds = h / t, so s' = s - 2 t^2 h / (t h' - h).
-            curvature = t * dh - h
-            newton = (t * t - 2 * t * t * h / curvature).clamp_min(0.0).sqrt()
+            # dL/ds = h / t, so s' = s - 2 t^2 h / (t h' - h) = t^2 (1 - 2 h / (t h' - h)).
+            curvature = torch.addcmul(-h, t, dh)
+            newton = (t * t).mul_(torch.div(h, curvature).mul_(-2).add_(1)).clamp_min_(0.0).sqrt_()
             top_seen |= t == self.high
-            usable = (curvature > 0) & (t > 0)
             # A step within rounding noise of the bracket counts as inside (then clamped).
-            inside = usable & (newton >= left - self.tol) & (newton <= right + self.tol)
-            newton = torch.minimum(torch.maximum(newton, left), right)
+            inside = (curvature > 0) & (t > 0) & (newton >= left - self.tol) & (newton <= right + self.tol)
+            newton = torch.clamp(newton, left, right)
             # Still falling, no Newton step within the bracket: try alpha_max itself first.
-            to_top = ~inside & (h < 0) & ~top_seen & (right == self.high)
-            target = torch.where(inside, newton, torch.where(to_top, self.hi, 0.5 * (left + right)))
+            to_top = falling & ~(inside | top_seen) & (right == self.high)
+            target = torch.where(inside, newton, torch.where(to_top, self.hi, (left + right).mul_(0.5)))
             target = torch.where(moving, target, t)
-            step = target - t
+            moving = (target - t).abs_() > self.tol
             t = target
-            moving = step.abs() > self.tol
             if not bool(moving.any()):
                 break
 
     def unresolved(self, grid, count: int = 1):
         """Per direction, up to ``count`` grid points whose loss the evaluated points cannot
-        bound above the best loss (lowest bounds first), and which of them are real.
+        bound above the best loss (lowest bounds first), which of them are real, and whether
+        that was every such point.
 
         g is convex and increasing (g' = E_t[dc] >= 0, g'' = Var_t >= 0) and f = t g' - g.
         For u <= x <= v evaluated: g(x) lies between every tangent and the chord u-v, g'(x)
         in [g'(u), g'(v)], hence f(x) in [x g'(u) - g_hi, x g'(v) - g_lo] (and [f(u), f(v)]);
         L(x) is at least the squared distance from (a, b) to that box.
         """
-        ts, fs, gs, dgs = (torch.stack(x, dim=-1).unsqueeze(-2) for x in (self.ts, self.fs, self.gs, self.dgs))
-        x = grid.view(1, 1, -1, 1)  # [1, 1, J, 1]; evaluated points: [N, P, 1, E], NaN where skipped
         inf = float("inf")
+        # [N, P, 4, E]: t, f, g, g' of every evaluated point, NaN where one was skipped.
+        values = torch.stack([torch.cat(x, dim=-1) for x in zip(*self.points)], dim=-2)
+        ts, gs, dgs = values[..., 0, :].unsqueeze(-2), values[..., 2, :].unsqueeze(-2), values[..., 3, :].unsqueeze(-2)
+        x = grid.view(1, 1, -1, 1)  # [1, 1, J, 1]; evaluated points: [N, P, 1, E]
         below, above = ts <= x, ts >= x  # False for NaN
-        u = torch.where(below, ts, -inf).argmax(-1, keepdim=True)  # nearest evaluated point below
-        v = torch.where(above, ts, inf).argmin(-1, keepdim=True)  # and above (if any)
+        u = torch.where(below, ts, -inf).argmax(-1)  # nearest evaluated point below, [N, P, J]
+        v = torch.where(above, ts, inf).argmin(-1)  # and above (if any)
         has_v = above.any(-1)
+        j = grid.numel()
+        index = torch.cat([u, v], dim=-1).unsqueeze(-2).expand(*values.shape[:-2], 4, 2 * j)
+        (tu, fu, gu, dgu), (tv, fv, gv, dgv) = (part.unbind(-2) for part in values.gather(-1, index).split(j, dim=-1))
         xs = x.squeeze(-1)
-
-        def at(values, index):
-            return values.expand(*below.shape).gather(-1, index).squeeze(-1)
-
-        tu, tv = at(ts, u), at(ts, v)
-        gu, gv, fu, fv = at(gs, u), at(gs, v), at(fs, u), at(fs, v)
-        dgu, dgv = at(dgs, u), at(dgs, v)
-        chord = gu + (gv - gu) * ((xs - tu) / (tv - tu).clamp_min(1e-30))
-        g_high = torch.where(has_v, torch.where(tv > tu, chord, gv), inf)
-        tangents = gs + dgs * (x - ts)
-        g_low = torch.maximum(torch.where(tangents.isnan(), -inf, tangents).amax(-1), gu)
-        f_low = torch.maximum(xs * dgu - g_high, fu)
-        f_high = torch.where(has_v, torch.minimum(xs * dgv - g_low, fv), inf)
+        chord = torch.addcmul(gu, gv - gu, (xs - tu).div_((tv - tu).clamp_min_(1e-30)))  # = g(u) when x = u
+        g_high = torch.where(has_v, chord, inf)
+        g_low = torch.maximum(torch.addcmul(gs, dgs, x - ts).nan_to_num_(nan=-inf).amax(-1), gu)
+        f_low = torch.maximum(torch.addcmul(-g_high, xs, dgu), fu)
+        f_high = torch.where(has_v, torch.minimum(torch.addcmul(-g_low, xs, dgv), fv), inf)
         a, b = self.tf.unsqueeze(-1), self.tg.unsqueeze(-1)
-        bound = ((f_low - a).clamp_min(0) + (a - f_high).clamp_min(0)) ** 2 + (
-            (g_low - b).clamp_min(0) + (b - g_high).clamp_min(0)
-        ) ** 2
-        seen = ((ts - x).abs() <= self.tol).any(-1)  # grid point already evaluated
-        slack = 1e3 * torch.finfo(fs.dtype).eps * (1 + self.best_loss.unsqueeze(-1))
-        open_ = ~seen & (bound < self.best_loss.unsqueeze(-1) - slack)
-        count = min(count, grid.numel())
+        # Squared distance from (a, b) to the box (clamping a into [f_low, f_high], b likewise).
+        da = torch.maximum(torch.minimum(a, f_high), f_low).sub_(a)
+        db = torch.maximum(torch.minimum(b, g_high), g_low).sub_(b)
+        bound = da.mul_(da).addcmul_(db, db)
+        seen = ((ts - x).abs_() <= self.tol).any(-1)  # grid point already evaluated
+        best = self.best_loss.unsqueeze(-1)
+        open_ = ~seen & (bound < best - 1e3 * torch.finfo(values.dtype).eps * (1 + best))
+        complete = bool((open_.sum(-1) <= count).all())
+        count = min(count, j)
         ranked, pick = torch.where(open_, bound, inf).topk(count, dim=-1, largest=False)
-        return grid[pick], ranked < inf  # [N, P, count] each
+        return grid[pick], ranked < inf, complete  # [N, P, count] each, bool
 
     def evaluate_points(self, t: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
-        """Evaluate several points per direction in one pass over the chosen ones:
-        ``t, pending [N, P, M]``; returns where the best improved, ``[N, P]``."""
+        """Evaluate several points per direction in one pass over the chosen ones (f, g and
+        g' only): ``t, pending [N, P, M]``; returns where the best improved, ``[N, P]``."""
         rows, pairs, slots = pending.nonzero(as_tuple=True)
         self.passes += len(rows) / pending.shape[0]
-        part = self.problem.stats_at(rows, pairs, t[rows, pairs, slots])
-        improved = torch.zeros_like(self.best_t, dtype=torch.bool)
-        for slot in range(t.shape[-1]):
-            chosen = slots == slot
-            if not bool(chosen.any()):
-                continue
-            values = []
-            for x in (t[rows, pairs, slots], part.forward_kl, part.reverse_kl, part.d_reverse):
-                full = torch.full_like(self.best_t, float("nan"))
-                full[rows[chosen], pairs[chosen]] = x[chosen]
-                values.append(full)
-            improved |= self._record(*values)[1]
-        return improved
+        chosen = t[rows, pairs, slots]
+        part = torch.stack(self.problem.values_at(rows, pairs, chosen), dim=-1)  # [R, 3]
+        values = t.new_full((*t.shape, 3), float("nan"))
+        values[rows, pairs, slots] = part
+        return self._record(torch.where(pending, t, float("nan")), *values.unbind(-1))[3]
 
 
 class JointSolver(Solver):
@@ -443,10 +450,7 @@ class JointSolver(Solver):
         self.passes += 1
         dc = problem.centred  # [N, P, V]
         s = torch.baddbmm(problem.base.unsqueeze(1), w.unsqueeze(1), dc).squeeze(1)  # z + sum_k w_k dc_k, [N, V]
-        p, top = shifted_exp_(s)
-        total = p.sum(-1, keepdim=True)
-        p.div_(total)
-        lse = (top + total.log()).squeeze(-1)
+        p, lse = softmax_lse(s, out=s)
         weighted = torch.mul(dc, p.unsqueeze(1), out=problem.scratch())  # p dc_k, [N, P, V]
         mean = weighted.sum(-1)  # E_w[dc_k] = E_w[d_k] - E_P[d_k]
         cov = weighted @ dc.transpose(1, 2) - mean.unsqueeze(-1) * mean.unsqueeze(-2)  # [N, P, P]
