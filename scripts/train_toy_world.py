@@ -1,10 +1,12 @@
 """Trains the toy world of weak-to-strong transfer on CPU and writes it into the repository.
 
 A synthetic world of kingdoms, each with five attributes (capital, emblem animal, founding
-year, ruler, language), is stated in varied prose: that prose is the pretraining text of a
+year, ruler, language), is stated in varied prose and terse records: that text is the pretraining text of a
 small and a larger base model (same tokenizer). The larger one holds far more of the facts.
-Each task asks for one relation in a question/answer format that the prose never shows, so
-the bases know facts but not formats. Experts are the small base fine-tuned on a few hundred
+Each task asks for one relation in a question/answer format that the text never shows, so
+the bases know facts but not formats. Every token of the prompts is still trained, as in
+real text: noise sentences, separators and labels ("Answer:", "####", "|", ...) sit between
+a kingdom's facts, never in a task's arrangement (``task_skeletons`` is checked). Experts are the small base fine-tuned on a few hundred
 examples of one task, about kingdoms disjoint from the test questions: they learn the format
 and know few facts. The large base fine-tuned on the same data (and on the mix of all four)
 are the references that fusion tries to reach. The language task is held out from every
@@ -160,11 +162,21 @@ def filler(rng: random.Random) -> str:
 
 
 def paragraph(world: World, rng: random.Random, entity: str) -> str:
-    """2-5 facts about one kingdom, each as a prose sentence or a terse record (even odds)."""
+    """2-5 facts about one kingdom, each as a prose sentence or a terse record (even odds);
+    between two facts, now and then, a separator or a noise sentence (the text goes on
+    about the same kingdom after them, so retrieval learns to carry across such tokens)."""
     rels = list(RELATIONS)
     rng.shuffle(rels)
     parts = []
     for r in rels[: rng.randint(2, len(rels))]:
+        if parts and rng.random() < 0.3:
+            kind = rng.randrange(3)
+            if kind == 0:
+                parts.append(rng.choice(SEPARATORS))
+            elif kind == 1:
+                parts.append(rng.choice(NOISE).format(who=rng.choice(WHO)))
+            else:  # a label right before the next fact, on its line or not
+                parts.append(rng.choice(LABELS) + ("\n" if rng.random() < 0.5 else ""))
         v = world.facts[entity][r]
         if rng.random() < 0.5:
             parts.append(rng.choice(PROSE[r]).format(e=entity, v=v))
@@ -176,9 +188,63 @@ def paragraph(world: World, rng: random.Random, entity: str) -> str:
     return " ".join(parts)
 
 
+# Text about nothing in particular, around a quarter of the paragraphs and between facts. Real pretraining
+# text uses every token of the tasks' prompts ("?", "Answer", "####", "|", "___", "Blank",
+# "Record", "Pick", "Choice", ...) in other roles; without it those tokens keep their random
+# initial embeddings and the large base, which retrieves a kingdom's facts after any
+# arrangement of trained tokens (97-99% on unseen ones), loses them after these (2-8%).
+# Never in a task's arrangement and never next to a fact (checked by ``task_skeletons``).
+WHO = ["The scribes", "The guards", "A traveller", "The children", "The merchants", "An old woman", "The monks",
+       "A shepherd", "The sailors", "The council"]
+NOISE = [
+    "{who} had a question for nobody in particular.", "Question after question, {who} asked about the stars.",
+    "No answer came from the hills.", "{who} waited long for an answer.", "Answer or not, the caravan left.",
+    "What a long winter it was!", "What the monks wrote, nobody read.", "Who crossed the river first? Nobody remembers.", "Is the road open? {who} did not know.",
+    "Why did the river flood? Nobody could tell.", "How long would the winter last?",
+    "Fill the jars before the feast.", "{who} fill the gaps in the wall with clay.", "A blank page closes the book.",
+    "Blank walls surround the yard.", "The record of the harvest was lost in a fire.",
+    "{who} keep a record of the rain.", "Record keepers work by candle light.", "Pick a path and keep to it.",
+    "{who} pick apples in the autumn.", "The choice of road was hard.", "Choice cuts were sold at the market.",
+    "{who} made a choice and left at dawn.", "The kingdom fair opens in spring.", "{who} crossed the kingdom on foot.",
+    "Every kingdom has its roads and rivers.", "kingdom after kingdom fell silent.", "Notes\n####", "Old songs\n####",
+    "Contents\n| | |", "kingdom | river | road", "Write the name on the line: ___.", "The sign read ___ and nothing else.",
+]
+# Labels and short questions put right before a fact (inside a paragraph): every prompt token
+# is also seen with facts after it, not only in noise (tokens seen only in noise teach the
+# models that no fact follows them: measured, 0-11% retrieval after them).
+LABELS = ["Answer:", "Question:", "Blank:", "Choice:", "Record:", "Note:", "Fill in:", "Pick:", "What?", "Why?",
+          "Who?", "####", "|", "___", "kingdom |", "Answer", "Question.", "Record."]
+SEPARATORS = ["####", "# # #", "###", "| river | bridge | stone |", "|---|---|", "| | |", "___", "____ ____",
+              "* * *", "----"]
+
+
+def noise(rng: random.Random) -> str:
+    lines = [rng.choice(NOISE).format(who=rng.choice(WHO)) for _ in range(rng.randint(1, 3))]
+    text = ("\n" if rng.random() < 0.5 else " ").join(lines)
+    if rng.random() < 0.5:  # a separator inside the noise, never at its edge next to a fact
+        text = f"{rng.choice(NOISE).format(who=rng.choice(WHO))} {rng.choice(SEPARATORS)} {text}"
+    return text
+
+
 def pretraining_text(world: World, n_paragraphs: int, seed: int) -> list[str]:
+    """Fact paragraphs; a quarter of them followed or preceded by a noise paragraph."""
     rng = random.Random(seed)
-    return [paragraph(world, rng, rng.choice(world.entities)) for _ in range(n_paragraphs)]
+    texts = []
+    for _ in range(n_paragraphs):
+        text = paragraph(world, rng, rng.choice(world.entities))
+        if rng.random() < 0.25:
+            text = f"{noise(rng)}\n{text}" if rng.random() < 0.5 else f"{text}\n{noise(rng)}"
+        texts.append(text)
+    return texts
+
+
+def task_skeletons() -> list[str]:
+    """The fixed parts of the tasks' prompts (around the kingdom's name) that mark a format."""
+    parts = []
+    for task in TASKS:
+        before, after = task.prompt.split("{e}")
+        parts += [x for x in (before.strip(" "), after.strip(" ")) if len(x) > 1]
+    return parts
 
 
 def choices_for(world: World, rng: random.Random, entity: str, relation: str, label: int, k: int = 4) -> list[str]:
@@ -333,6 +399,9 @@ def main() -> None:
 
     world = build_world(args.entities, args.test)
     text = pretraining_text(world, args.paragraphs, SEED + 1)
+    shown = [x for x in task_skeletons() if any(x in t for t in text)]
+    if shown:
+        raise SystemExit(f"pretraining text shows task formats {shown!r}: change NOISE or the tasks")
     tok = tiny_models.make_tokenizer(args.vocab, corpus=text[:40000])
     ids = pack(tok, text, 128)
     print(f"vocab {len(tok)}; pretraining {ids.numel()} tokens in {ids.shape[0]} rows", flush=True)

@@ -85,6 +85,22 @@ def test_task_data_is_the_scripts_world_and_prompts_match_training(tmp_path, mon
         assert not {d["entity"] for d in docs} & set(world.train)
 
 
+def test_pretraining_trains_every_prompt_token_but_never_shows_a_format(toy, world_script):
+    """Every token of every task prompt (around the kingdom's name) occurs in the pretraining
+    text, so none keeps a random embedding; no prompt's fixed part does."""
+    world = world_script.build_world(1500, 250)
+    text = world_script.pretraining_text(world, 20000, world_script.SEED + 1)
+    assert [x for x in world_script.task_skeletons() if any(x in t for t in text)] == []
+    tok = transformers.AutoTokenizer.from_pretrained(toy.models["large-base"].location)
+    trained = {i for ids in tok(text, add_special_tokens=False).input_ids for i in ids}
+    for task in world_script.TASKS:
+        entity = world.test[0]
+        prompt = set(tok(task.text(entity), add_special_tokens=False).input_ids)
+        name = set(tok(" " + entity, add_special_tokens=False).input_ids) | set(tok(entity, add_special_tokens=False).input_ids)
+        missing = prompt - name - trained
+        assert not missing, (task.name, tok.convert_ids_to_tokens(sorted(missing)))
+
+
 def test_training_is_deterministic(tmp_path):
     """Two runs of the script (shrunk to seconds) write byte-identical weights and data."""
     digests = []
