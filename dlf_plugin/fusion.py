@@ -13,6 +13,7 @@ Notation, per row (a position being scored, or a sequence being decoded):
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 
 # A logit difference is clamped to this size: an expert that forbids a token (-inf)
@@ -156,15 +157,21 @@ class TiltStats:
     dd_reverse: torch.Tensor  # g''(t)
 
 
+def _tilt_kls(lse, m1, t, base_lse) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(t) = t E_t[dc] - M(t) and g(t) = M(t), with M(t) = lse - base_lse (``lse`` consumed)."""
+    shift = lse.sub_(base_lse)
+    return torch.addcmul(-shift, t, m1).clamp_min_(0.0), shift.clamp_min(0.0)
+
+
 def tilt_stats(base_logits, centred, t, base_lse, out=None) -> TiltStats:
     """f, g, f', g', f'', g'' at ``t`` from one pass."""
     lse, (m1, m2, m3) = tilt_moments(base_logits, centred, t, 3, out)
     var = torch.addcmul(m2, m1, m1, value=-1).clamp_min_(0.0)
     third = torch.addcmul(m3, m1, torch.addcmul(3 * m2, m1, m1, value=-2), value=-1)  # m3 - 3 m1 m2 + 2 m1^3
-    shift = lse.sub_(base_lse)
+    forward, reverse = _tilt_kls(lse, m1, t, base_lse)
     return TiltStats(
-        forward_kl=torch.addcmul(-shift, t, m1).clamp_min_(0.0),
-        reverse_kl=shift.clamp_min(0.0),
+        forward_kl=forward,
+        reverse_kl=reverse,
         d_forward=t * var,
         d_reverse=m1,
         dd_forward=torch.addcmul(var, t, third),
@@ -175,8 +182,7 @@ def tilt_stats(base_logits, centred, t, base_lse, out=None) -> TiltStats:
 def tilt_values(base_logits, centred, t, base_lse, out=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(f(t), g(t), g'(t)) from one pass with the first moment only."""
     lse, (m1,) = tilt_moments(base_logits, centred, t, 1, out)
-    shift = lse.sub_(base_lse)
-    return torch.addcmul(-shift, t, m1).clamp_min_(0.0), shift.clamp_min(0.0), m1
+    return (*_tilt_kls(lse, m1, t, base_lse), m1)
 
 
 def tilt_kls(base_logits, centred, t, base_lse, out=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -221,13 +221,27 @@ class ExactSolver(Solver):
         t, loss = self.solve_pairs(problem)
         return _one_hot_weights(t, loss)
 
+    def _constant(self, name: str, like: torch.Tensor, build):
+        """``build(dtype, device)``, made once per dtype and device and kept under ``name``."""
+        key = (name, like.dtype, like.device)
+        cache = self.__dict__.setdefault("_constants", {})
+        if key not in cache:
+            cache[key] = build(like.dtype, like.device)
+        return cache[key]
+
     def _grid(self, like: torch.Tensor) -> torch.Tensor:
-        """The paper's grid within the bounds, as a tensor like ``like`` (built once)."""
-        key = (like.dtype, like.device)
-        if getattr(self, "_grid_key", None) != key:
+        """The paper's grid within the bounds, as a tensor like ``like``."""
+        def build(dtype, device):
             points = [x for x in GridSolver.points(self.alpha_max) if x >= self.alpha_min]
-            self._grid_tensor, self._grid_key = torch.tensor(points, dtype=like.dtype, device=like.device), key
-        return self._grid_tensor
+            return torch.tensor(points, dtype=dtype, device=device)
+
+        return self._constant("grid", like, build)
+
+    def _model_points(self, dtype: torch.dtype, device: torch.device):
+        """t at 201 points of the bounds and the powers of t the start's model needs."""
+        t = torch.linspace(self.alpha_min, self.alpha_max, 201, dtype=dtype, device=device)
+        t2 = t * t
+        return t, t2 / 2, t2 * t / 6, t2 * t / 3, t2 * t2 / 24, t2 * t2 / 8
 
     def _start(self, problem: _Problem, tf: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
         """Starting weight from the cumulant expansion at t = 0, no vocabulary pass.
@@ -239,13 +253,7 @@ class ExactSolver(Solver):
         cumulant saves a round in most directions against a cubic model (bench/solvers.py).
         """
         k2, k3, k4 = (k.unsqueeze(-1) for k in problem.base_cumulants)
-        key = (k2.dtype, k2.device)
-        if getattr(self, "_model_key", None) != key:
-            t = torch.linspace(self.alpha_min, self.alpha_max, 201, dtype=k2.dtype, device=k2.device)
-            t2 = t * t
-            self._model_points = (t, t2 / 2, t2 * t / 6, t2 * t / 3, t2 * t2 / 24, t2 * t2 / 8)
-            self._model_key = key
-        t, half, sixth, third, g4, f4 = self._model_points
+        t, half, sixth, third, g4, f4 = self._constant("model", k2, self._model_points)
         common = k2 * half
         F = torch.addcmul(common, k3, third).addcmul_(k4, f4).sub_(tf.unsqueeze(-1))
         G = torch.addcmul(common, k3, sixth).addcmul_(k4, g4).sub_(tg.unsqueeze(-1))
@@ -445,7 +453,7 @@ class JointSolver(Solver):
         self.max_iter = int(number_option(self.name, "max_iter", max_iter, 0, 1000))
         self.tol = number_option(self.name, "tol", tol, 1e-12, 1.0)
         self.bounds = (self.alpha_min, self.alpha_max)
-        self._start = ExactSolver(pair_names, alpha_min=self.alpha_min, alpha_max=self.alpha_max, tol=tol)
+        self._one_pair = ExactSolver(pair_names, alpha_min=self.alpha_min, alpha_max=self.alpha_max, tol=tol)
         self.passes = 0  # softmax evaluations over the full vocabulary, per row
 
     def _state(self, problem: _Problem, w: torch.Tensor):
@@ -466,9 +474,9 @@ class JointSolver(Solver):
 
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
         problem = _Problem(inputs, self.workspace)
-        t, loss = self._start.solve_pairs(problem)
-        self.passes += self._start.passes
-        self._start.passes = 0
+        t, loss = self._one_pair.solve_pairs(problem)
+        self.passes += self._one_pair.passes
+        self._one_pair.passes = 0
         w = _one_hot_weights(t, loss)
         if w.shape[1] < 2 or self.max_iter == 0:
             return w
