@@ -1,16 +1,17 @@
 """Trains the toy world of weak-to-strong transfer on CPU and writes it into the repository.
 
 A synthetic world of kingdoms, each with five attributes (capital, emblem animal, founding
-year, ruler, language), is stated in varied prose and terse records: that text is the pretraining text of a
-small and a larger base model (same tokenizer). The larger one holds far more of the facts.
-Each task asks for one relation in a question/answer format that the text never shows, so
-the bases know facts but not formats. Every token of the prompts is still trained, as in
-real text: noise sentences, separators and labels ("Answer:", "####", "|", ...) sit between
-a kingdom's facts, never in a task's arrangement (``task_skeletons`` is checked). Experts are the small base fine-tuned on a few hundred
-examples of one task, about kingdoms disjoint from the test questions: they learn the format
-and know few facts. The large base fine-tuned on the same data (and on the mix of all four)
-are the references that fusion tries to reach. The language task is held out from every
-expert's training, the paper's unseen task.
+year, ruler, language), is stated in varied prose and terse records: that text is the
+pretraining text of a small and a larger base model (same tokenizer). The larger one holds
+far more of the facts. Each task asks for one relation in a question/answer format that the
+text never shows, so the bases know facts but not formats. Every token of the prompts is
+still trained, as in real text: noise sentences, separators and labels ("Answer:", "####",
+"|", ...) sit between a kingdom's facts, never in a task's arrangement (``task_skeletons``
+is checked). Experts are the small base fine-tuned on a few hundred examples of one task,
+about kingdoms disjoint from the test questions: they learn the format and know few facts.
+The large base fine-tuned on the same data (and on the mix of all four) are the references
+that fusion tries to reach. The language task is held out from every expert's training, the
+paper's unseen task.
 
 Writes (committed output; CI and the demo only load it):
   models/toy/<name>/       safetensors + tokenizer, float16, every model named in registry/toy.yaml
@@ -174,7 +175,7 @@ def paragraph(world: World, rng: random.Random, entity: str) -> str:
             if kind == 0:
                 parts.append(rng.choice(SEPARATORS))
             elif kind == 1:
-                parts.append(rng.choice(NOISE).format(who=rng.choice(WHO)))
+                parts.append(noise_sentence(rng))
             else:  # a label right before the next fact, on its line or not
                 parts.append(rng.choice(LABELS) + ("\n" if rng.random() < 0.5 else ""))
         v = world.facts[entity][r]
@@ -218,11 +219,15 @@ SEPARATORS = ["####", "# # #", "###", "| river | bridge | stone |", "|---|---|",
               "* * *", "----"]
 
 
+def noise_sentence(rng: random.Random) -> str:
+    return rng.choice(NOISE).format(who=rng.choice(WHO))
+
+
 def noise(rng: random.Random) -> str:
-    lines = [rng.choice(NOISE).format(who=rng.choice(WHO)) for _ in range(rng.randint(1, 3))]
+    lines = [noise_sentence(rng) for _ in range(rng.randint(1, 3))]
     text = ("\n" if rng.random() < 0.5 else " ").join(lines)
     if rng.random() < 0.5:  # a separator inside the noise, never at its edge next to a fact
-        text = f"{rng.choice(NOISE).format(who=rng.choice(WHO))} {rng.choice(SEPARATORS)} {text}"
+        text = f"{noise_sentence(rng)} {rng.choice(SEPARATORS)} {text}"
     return text
 
 
