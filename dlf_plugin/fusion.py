@@ -13,6 +13,7 @@ Notation, per row (a position being scored, or a sequence being decoded):
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -137,8 +138,7 @@ def tilt_moments(base_logits, centred, t, order: int, out=None):
     return lse, moments
 
 
-@dataclasses.dataclass(frozen=True)
-class TiltStats:
+class TiltStats(NamedTuple):
     """f, g and their derivatives along one direction d at weights t (DESIGN.md section 1).
 
     P~_t = softmax(z + t d) is an exponential tilt of P. With dc = d - E_P[d] and
@@ -146,7 +146,9 @@ class TiltStats:
         f(t) = KL(P~_t || P) = t E_t[dc] - M(t)     f'(t) = t Var_t[d]
         g(t) = KL(P || P~_t) = M(t)                 g'(t) = E_t[dc] = E_t[d] - E_P[d]
         f''(t) = Var_t[d] + t K3_t[d]               g''(t) = Var_t[d]
-    where K3 is the third central moment.
+                                                    g'''(t) = K3_t[d]
+    where K3 is the third cumulant of d under P~_t (the third central moment;
+    d/dt K_n = K_n+1, so f'''(t) = 2 K3_t + t K4_t would need a fourth moment).
     """
 
     forward_kl: torch.Tensor  # f(t)
@@ -155,6 +157,7 @@ class TiltStats:
     d_reverse: torch.Tensor  # g'(t)
     dd_forward: torch.Tensor  # f''(t)
     dd_reverse: torch.Tensor  # g''(t)
+    ddd_reverse: torch.Tensor  # g'''(t) = K3_t
 
 
 def _tilt_kls(lse, m1, t, base_lse) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +167,7 @@ def _tilt_kls(lse, m1, t, base_lse) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tilt_stats(base_logits, centred, t, base_lse, out=None) -> TiltStats:
-    """f, g, f', g', f'', g'' at ``t`` from one pass."""
+    """f, g and their derivatives (``TiltStats``) at ``t`` from one pass."""
     lse, (m1, m2, m3) = tilt_moments(base_logits, centred, t, 3, out)
     var = torch.addcmul(m2, m1, m1, value=-1).clamp_min_(0.0)
     third = torch.addcmul(m3, m1, torch.addcmul(3 * m2, m1, m1, value=-2), value=-1)  # m3 - 3 m1 m2 + 2 m1^3
@@ -176,6 +179,7 @@ def tilt_stats(base_logits, centred, t, base_lse, out=None) -> TiltStats:
         d_reverse=m1,
         dd_forward=torch.addcmul(var, t, third),
         dd_reverse=var,
+        ddd_reverse=third,
     )
 
 

@@ -101,6 +101,9 @@ def test_tilt_stats_match_direct_kls_and_finite_differences(inputs, t_value):
     assert torch.allclose(stats.d_forward, (up.forward_kl - down.forward_kl) / (2 * h), atol=1e-5 * scale)
     assert torch.allclose(stats.d_reverse, (up.reverse_kl - down.reverse_kl) / (2 * h), atol=1e-5 * scale)
     assert torch.allclose(stats.dd_forward, (up.d_forward - down.d_forward) / (2 * h), atol=1e-4 * scale)
+    assert torch.allclose(stats.dd_reverse, (up.d_reverse - down.d_reverse) / (2 * h), atol=1e-4 * scale)
+    # g''' = K3_t: central differences are exact to ~h^2 here.
+    assert torch.allclose(stats.ddd_reverse, (up.dd_reverse - down.dd_reverse) / (2 * h), atol=1e-7 * scale)
 
 
 def grid_by_python_loop(inputs, grid):

@@ -14,8 +14,6 @@ Everything is batched over rows (and pairs): no Python loop over rows or vocabul
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from dlf_plugin.fusion import FusionInputs, TiltStats, kl_targets, logit_deltas, softmax_lse, tilt_kls, tilt_stats, tilt_values
@@ -131,9 +129,9 @@ class _Problem:
             if full:
                 return stats
             nan = torch.tensor(float("nan"), dtype=t.dtype, device=t.device)
-            return TiltStats(*(torch.where(active, x, nan) for x in dataclasses.astuple(stats)))
+            return TiltStats(*(torch.where(active, x, nan) for x in stats))
         rows, pairs = active.nonzero(as_tuple=True)
-        part = torch.stack(dataclasses.astuple(self.stats_at(rows, pairs, t[rows, pairs])), dim=-1)  # [R, 6]
+        part = torch.stack(self.stats_at(rows, pairs, t[rows, pairs]), dim=-1)  # [R, 6]
         values = t.new_full((*t.shape, part.shape[-1]), float("nan"))
         values[rows, pairs] = part
         return TiltStats(*values.unbind(-1))
@@ -195,11 +193,12 @@ class ExactSolver(Solver):
 
     Along one pair's direction the fused distribution is an exponential tilt of P, so
     f(t) and g(t) and their derivatives come from one pass over the vocabulary
-    (``fusion.tilt_stats``). A safeguarded Newton iteration on the loss's derivative,
-    started at t0 = sqrt((a + b) / Var_P[d]) (where f ~ g ~ t^2 Var_P[d] / 2) and kept
-    inside a bracket, converges to ``tol``; the bounds are candidates too. Per row the
-    pair with the lowest loss acts, as in ``dlf-grid``, whose loss it never exceeds
-    up to the tolerance.
+    (``fusion.tilt_stats``). A safeguarded Halley iteration on the loss's derivative
+    (Newton's where the third derivative does not help), started at the minimiser of a
+    fourth-order cumulant model of f and g (no pass) and kept inside a bracket, converges
+    to ``tol``; the bounds are candidates too. Then no point of the paper's grid may do
+    better: those the evaluated points cannot rule out are evaluated. Per row the pair
+    with the lowest loss acts, as in ``dlf-grid``, whose loss it never exceeds.
 
     Options: alpha_min (default 0), alpha_max (default 2.0), tol (default 1e-7),
     max_iter (default 30).
@@ -328,8 +327,8 @@ class _Search:
         return F, G, loss, improved
 
     def evaluate(self, t, active=None):
-        """One pass: loss, h = L'/2, h' = L''/2 and whether the best improved, at ``t [N, P]``
-        (NaN for directions not ``active``)."""
+        """One pass: loss, h = dL/dt / 2, its derivatives h' and h'' (the latter approximate)
+        and whether the best improved, at ``t [N, P]`` (NaN for directions not ``active``)."""
         share = 1.0 if active is None else float(active.float().mean())
         self.passes += t.shape[1] * share  # passes over the vocabulary, per row
         stats = self.problem.stats_along_pairs(t, active)
@@ -338,11 +337,17 @@ class _Search:
         F, G, loss, improved = self._record(t, stats.forward_kl, stats.reverse_kl, stats.d_reverse)
         df, dg = stats.d_forward, stats.d_reverse
         h = torch.addcmul(F * df, G, dg)
-        dh = (df * df).addcmul_(dg, dg).addcmul_(F, stats.dd_forward).addcmul_(G, stats.dd_reverse)
-        return loss, h, dh, improved
+        ddf, ddg = stats.dd_forward, stats.dd_reverse
+        dh = (df * df).addcmul_(dg, dg).addcmul_(F, ddf).addcmul_(G, ddg)
+        # f''' = 2 K3_t + t K4_t, with K4 under P for K4_t: a fourth moment in every pass would
+        # cost more than the rounds Halley's step saves with this estimate (bench/solvers.py).
+        dddf = torch.addcmul(2 * stats.ddd_reverse, t, self.problem.base_cumulants[2])
+        ddh = (df * ddf).addcmul_(dg, ddg).mul_(3).addcmul_(F, dddf).addcmul_(G, stats.ddd_reverse)
+        return loss, h, dh, ddh, improved
 
     def newton(self, t, max_iter, active=None, radius=None):
-        """Safeguarded Newton on L' from ``t``, for the ``active`` directions (default all).
+        """Safeguarded Halley (or Newton) steps on L' from ``t``, for the ``active`` directions
+        (default all).
 
         The bracket holds the minimiser: h < 0 left of it, h >= 0 right of it. alpha_max is
         not evaluated up front: a step past it lands on it, and h there tells the rest.
@@ -356,14 +361,21 @@ class _Search:
         top_seen = torch.zeros_like(active)
         moving = active
         for _ in range(max_iter):
-            _, h, dh, _ = self.evaluate(t, None if bool(moving.all()) else moving)
+            _, h, dh, ddh, _ = self.evaluate(t, None if bool(moving.all()) else moving)
             falling = h < 0
             left = torch.where(falling, t, left)
             right = torch.where(falling, right, t)
-            # Newton in s = t^2, where f and g are nearly linear (both ~ s Var_P[d] / 2):
-            # dL/ds = h / t, so s' = s - 2 t^2 h / (t h' - h) = t^2 (1 - 2 h / (t h' - h)).
+            # Halley's method in s = t^2, where f and g are nearly linear (both ~ s Var_P[d] / 2).
+            # With phi = dL/ds = h / t and c = t h' - h: phi' = c / (2 t^3) and
+            # phi'' = (t^2 h'' - 3 c) / (4 t^5). Newton's step is -phi / phi' = -2 t^2 h / c;
+            # Halley's divides it by 1 - phi phi'' / (2 phi'^2) = 1 - h (t^2 h'' - 3 c) / (2 c^2).
+            # Cubic convergence saves the slow directions (far starts) a round or two; where
+            # that divisor leaves [1/2, 4] (far from the root, or h'' lost to rounding): Newton.
             curvature = torch.addcmul(-h, t, dh)
-            newton = (t * t).mul_(torch.div(h, curvature).mul_(-2).add_(1)).clamp_min_(0.0).sqrt_()
+            ratio = torch.div(h, curvature)
+            divisor = torch.addcmul(curvature, t * t, ddh, value=-1 / 3).mul_(ratio).div_(curvature).mul_(1.5).add_(1)
+            divisor = torch.where((divisor >= 0.5) & (divisor <= 4.0), divisor, 1.0)
+            newton = (t * t).mul_(ratio.div_(divisor).mul_(-2).add_(1)).clamp_min_(0.0).sqrt_()
             top_seen |= t == self.high
             # A step within rounding noise of the bracket counts as inside (then clamped).
             inside = (curvature > 0) & (t > 0) & (newton >= left - self.tol) & (newton <= right + self.tol)
