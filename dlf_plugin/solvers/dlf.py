@@ -477,7 +477,7 @@ class JointSolver(Solver):
     where it lowers the loss: never worse than one pair per position.
 
     Options: alpha_min (0), alpha_max (2.0), max_iter (4: each step costs one pass with
-    P^2 V work; more steps lower the loss slowly), tol (1e-7).
+    P V work; more steps lower the loss slowly), tol (1e-7).
     """
 
     name = "dlf-joint"
@@ -496,16 +496,19 @@ class JointSolver(Solver):
         """Loss, residuals [N, 2] and Jacobian [N, 2, P] at weights ``w [N, P]``: one pass."""
         self.passes += 1
         dc = problem.centred  # [N, P, V]
-        s = torch.baddbmm(problem.base.unsqueeze(1), w.unsqueeze(1), dc).squeeze(1)  # z + sum_k w_k dc_k, [N, V]
-        p, lse = softmax_lse(s, out=s)
+        offset = torch.bmm(w.unsqueeze(1), dc).squeeze(1)  # u = sum_k w_k dc_k, [N, V]
+        fused = torch.add(problem.base, offset, out=problem.workspace.get("fused", problem.base.shape, problem.base))
+        p, lse = softmax_lse(fused, out=fused)  # P~ = softmax(z + u)
         weighted = torch.mul(dc, p.unsqueeze(1), out=problem.scratch())  # p dc_k, [N, P, V]
         mean = weighted.sum(-1)  # E_w[dc_k] = E_w[d_k] - E_P[d_k]
-        cov = weighted @ dc.transpose(1, 2) - mean.unsqueeze(-1) * mean.unsqueeze(-2)  # [N, P, P]
+        # grad f = Cov_w(d) w = Cov_w(dc_k, u): no P x P covariance needed.
+        mean_u = (w * mean).sum(-1)  # E_w[u]
+        cov_w = weighted.mul_(offset.unsqueeze(1)).sum(-1).sub_(mean * mean_u.unsqueeze(-1))
         shift = lse - problem.base_lse
-        f = ((w * mean).sum(-1) - shift).clamp_min(0.0)
+        f = (mean_u - shift).clamp_min(0.0)
         g = shift.clamp_min(0.0)
         residual = torch.stack([f - problem.target_f, g - problem.target_g], dim=-1)
-        jacobian = torch.stack([(cov @ w.unsqueeze(-1)).squeeze(-1), mean], dim=1)
+        jacobian = torch.stack([cov_w, mean], dim=1)
         return (residual**2).sum(-1), residual, jacobian
 
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
@@ -517,27 +520,29 @@ class JointSolver(Solver):
         if w.shape[1] < 2 or self.max_iter == 0:
             return w
         loss, residual, jacobian = self._state(problem, w)
-        eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
-        damping = torch.full_like(loss, 1e-3)  # [N], relative to the scale of J^T J
+        damping = torch.full_like(loss, 1e-3).unsqueeze(-1)  # [N, 1], relative to the scale of J^T J
         tiny = torch.finfo(w.dtype).tiny ** 0.5
         for _ in range(self.max_iter):
-            jtj = jacobian.transpose(1, 2) @ jacobian  # [N, P, P]
-            grad = (jacobian.transpose(1, 2) @ residual.unsqueeze(-1)).squeeze(-1)  # [N, P]
-            scale = jtj.diagonal(dim1=1, dim2=2).mean(-1) + tiny  # [N]
-            # J^T J has rank <= 2: the ridge keeps the system positive definite for any P.
-            ridge = damping * scale
-            system = jtj + ridge[:, None, None] * eye + damping[:, None, None] * torch.diag_embed(jtj.diagonal(dim1=1, dim2=2))
+            jt = jacobian.transpose(1, 2)
+            jtj = jt @ jacobian  # [N, P, P]
+            grad = (jt @ residual.unsqueeze(-1)).squeeze(-1)  # [N, P]
+            diagonal = jtj.diagonal(dim1=1, dim2=2)  # [N, P]
+            # Marquardt's damping of the diagonal plus a ridge at its mean: J^T J has rank <= 2,
+            # the ridge keeps the system positive definite for any P.
+            ridge = diagonal.mean(-1, keepdim=True).add_(tiny)
+            system = jtj + torch.diag_embed(diagonal.add(ridge).mul_(damping))
             step = torch.linalg.solve_ex(system, -grad.unsqueeze(-1))[0].squeeze(-1)
             step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
             trial = (w + step).clamp(self.alpha_min, self.alpha_max)
             trial_loss, trial_residual, trial_jacobian = self._state(problem, trial)
             accept = trial_loss < loss  # [N]
             moved = (trial - w).abs().amax(-1)
-            w = torch.where(accept.unsqueeze(-1), trial, w)
             loss = torch.where(accept, trial_loss, loss)
-            residual = torch.where(accept.unsqueeze(-1), trial_residual, residual)
-            jacobian = torch.where(accept[:, None, None], trial_jacobian, jacobian)
-            damping = torch.where(accept, (damping / 3).clamp_min(1e-7), damping * 4)
+            accept = accept.unsqueeze(-1)
+            w = torch.where(accept, trial, w)
+            residual = torch.where(accept, trial_residual, residual)
+            jacobian = torch.where(accept.unsqueeze(-1), trial_jacobian, jacobian)
+            damping = torch.where(accept, (damping / 3).clamp_min_(1e-7), damping * 4)
             if not bool((moved > self.tol).any()):
                 break
         return w
