@@ -250,17 +250,16 @@ def memory(models, args, device) -> bool:
         ids, mask = prompts(batch, args.prompt, device)
         kv = sum(kv_cache_bytes(m, batch, length) for m in models.values())
         gc.collect()
+        runs = []
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             fused_generate(engine, ids, mask, args.new)
             peak = torch.cuda.max_memory_allocated() - before + weights
-            runs = []
         else:
             # The resident-size high-water mark also sees the heap allocator's own choices (which
             # freed blocks it reuses, what it returns): it varies by several logit rows from run
             # to run for the same code, so the median of three runs is taken and all are shown.
-            runs = []
             for _ in range(3):
                 if not rss_peak_reset():
                     print("  cannot reset the peak resident size here; skipped")

@@ -20,23 +20,9 @@ import torch
 from dlf_plugin.fusion import FusionInputs, dlf_loss
 from dlf_plugin.solvers.dlf import ExactSolver, GridSolver, JointSolver
 from dlf_plugin.solvers.static import StaticSolver
+from dlf_plugin.tiny_models import peaked_fusion_inputs
 
 SOLVERS = (StaticSolver, GridSolver, ExactSolver, JointSolver)
-
-
-def logits_like_a_model(rows: int, pairs: int, vocab: int, seed: int) -> FusionInputs:
-    """Peaked, heavy-tailed logits (a few likely tokens, a long tail), experts shifted from their base."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def peaked(*shape):
-        x = torch.randn(*shape, generator=gen) * 2.5
-        top = torch.randint(0, vocab, (*shape[:-1], 8), generator=gen)
-        return x.scatter_add(-1, top, torch.rand(*shape[:-1], 8, generator=gen) * 12)
-
-    base = peaked(rows, vocab)
-    small = peaked(rows, pairs, vocab)
-    expert = small + torch.randn(rows, pairs, vocab, generator=gen) * 0.8
-    return FusionInputs(base, small, expert, torch.ones(rows, dtype=torch.bool))
 
 
 def measure(inputs: FusionInputs, repeats: int) -> dict[str, tuple[float, float, float]]:
@@ -75,7 +61,7 @@ def main() -> None:
     ratios = {}
     for rows in (1, 32):
         for pairs in (1, 4):
-            inputs = logits_like_a_model(rows, pairs, args.vocab, seed=rows * 10 + pairs)
+            inputs = peaked_fusion_inputs(rows, pairs, args.vocab, seed=rows * 10 + pairs)
             results = measure(inputs, args.repeats)
             grid_time = results["dlf-grid"][0]
             for name, (seconds, passes, loss) in results.items():

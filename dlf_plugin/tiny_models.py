@@ -1,4 +1,5 @@
-"""Small, seeded Llama models and a byte-level BPE tokenizer, saved as real checkpoints.
+"""Small, seeded Llama models and a byte-level BPE tokenizer, saved as real checkpoints;
+seeded logits shaped like a model's for the solvers.
 
 No hub is reachable where dlf is tested, so tests, benchmarks and the demo build
 their models here and load them back through ``from_pretrained``, the same path a
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import torch
 import transformers
+
+from dlf_plugin.fusion import FusionInputs
 
 # Text the tokenizer's merges are learnt from; any text still encodes (byte-level).
 _CORPUS = [
@@ -87,3 +90,19 @@ def save(model: transformers.PreTrainedModel, tokenizer, folder: str | Path) -> 
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def peaked_fusion_inputs(rows: int, pairs: int, vocab: int, seed: int) -> FusionInputs:
+    """Solver inputs like a model's: peaked, heavy-tailed logits (a few likely tokens, a long
+    tail) for the large base and each small base, experts shifted from their base."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def peaked(*shape):
+        x = torch.randn(*shape, generator=gen) * 2.5
+        top = torch.randint(0, vocab, (*shape[:-1], 8), generator=gen)
+        return x.scatter_add(-1, top, torch.rand(*shape[:-1], 8, generator=gen) * 12)
+
+    base = peaked(rows, vocab)
+    small = peaked(rows, pairs, vocab)
+    expert = small + torch.randn(rows, pairs, vocab, generator=gen) * 0.8
+    return FusionInputs(base, small, expert, torch.ones(rows, dtype=torch.bool))

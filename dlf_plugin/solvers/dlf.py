@@ -129,7 +129,7 @@ class _Problem:
             nan = torch.tensor(float("nan"), dtype=t.dtype, device=t.device)
             return TiltStats(*(torch.where(active, x, nan) for x in stats))
         rows, pairs = active.nonzero(as_tuple=True)
-        part = torch.stack(self.stats_at(rows, pairs, t[rows, pairs]), dim=-1)  # [R, 6]
+        part = torch.stack(self.stats_at(rows, pairs, t[rows, pairs]), dim=-1)  # [R, fields]
         values = t.new_full((*t.shape, part.shape[-1]), float("nan"))
         values[rows, pairs] = part
         return TiltStats(*values.unbind(-1))
@@ -295,6 +295,8 @@ class _Search:
         # Steps below this are rounding noise of the dtype, not progress (float32: ~1e-4,
         # where the loss itself changes by ~L'' 1e-8, below its own rounding).
         self.tol = max(tol, 1000 * torch.finfo(problem.base.dtype).eps)
+        # A pass's own rounding of f and g, which a settled step's remainder must stay below.
+        self.rounding = problem.base_lse.abs().add(1).unsqueeze(-1).mul_(4 * torch.finfo(problem.base.dtype).eps)
         self.low, self.high = low, high
         self.lo = torch.full_like(problem.base_mean, low)
         self.hi = torch.full_like(problem.base_mean, high)
@@ -354,10 +356,9 @@ class _Search:
         directions' first step is (the start is that close): their confirming pass is saved
         (tests/test_solvers.py checks the values against float64). In float64, steps of ~1e-5 only.
         """
-        scale = self.problem.base_lse.abs().add(1).unsqueeze(-1).mul_(4 * torch.finfo(t.dtype).eps)
         cube = step.abs().pow_(3).div_(6)
         remainder = torch.addcmul(dddf.abs(), stats.ddd_reverse, stats.ddd_reverse.sign()).mul_(cube)
-        chosen = candidates & (remainder <= scale)
+        chosen = candidates & (remainder <= self.rounding)
         if not bool(chosen.any()):
             return chosen
         half_sq = step * step / 2
