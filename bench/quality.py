@@ -84,6 +84,12 @@ def gap_lines(label: str, rows: dict, tasks: list[str], base: str, tuned: str, f
               f"{norm:.3f} of the fine-tuned gain over the base")
 
 
+def margin(fused: tuple[float, float], other: tuple[float, float]) -> float:
+    """How many standard errors of the difference (sqrt(se1^2 + se2^2)) ``fused`` is above ``other``."""
+    (x, sx), (y, sy) = fused, other
+    return (x - y) / max(math.hypot(sx, sy), 1e-12)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
@@ -134,11 +140,7 @@ def main() -> None:
     print(f"\n({time.time() - start:.0f}s)")
     fused = t1[f"fused: {default}"]
     for task in seen:
-        margins = []
-        for other in ("large base", "small expert"):
-            (x, sx), (y, sy) = fused[task], t1[other][task]
-            margins.append((x - y) / max(math.hypot(sx, sy), 1e-12))
-        m = min(margins)
+        m = min(margin(fused[task], t1[other][task]) for other in ("large base", "small expert"))
         print(f"target {default}_beats_base_and_expert_{task}: {m:.2f} standard errors "
               f"(goal > 2) {'PASS' if m > 2 else 'FAIL'}")
 

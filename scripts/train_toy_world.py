@@ -20,7 +20,7 @@ Writes (committed output; CI and the demo only load it):
 
 Seeded and deterministic on one machine (single process, fixed thread count):
 
-    python scripts/train_toy_world.py            # ~19 min on 2 CPU cores
+    python scripts/train_toy_world.py            # ~17 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -150,9 +150,18 @@ FILLERS = ["note", "indeed", "well", "so", "they", "say", "known", "as", "writte
            "line", "key", "source", "by", "all", "accounts"]
 
 
-def filler(rng: random.Random) -> str:
+# Labels that also stand right before a value (after the record's cue): in real text a label
+# such as "Answer:" or "|" is followed by a value as often as by a sentence.
+VALUE_LABELS = ["Answer:", "Blank:", "Choice:", "Record:", "Note:", "Pick:", "####", "|", "___", "Answer"]
+
+
+def filler(rng: random.Random, newline: bool = True) -> str:
+    """Words or a label between a record's cue and its value; ``newline``: whether the label
+    may start a line (not after "...": ".\\n####" is a task's arrangement)."""
     words = " ".join(rng.sample(FILLERS, rng.randint(1, 3)))
-    kind = rng.randrange(4)
+    kind = rng.randrange(5)
+    if kind == 4:
+        return rng.choice(["\n", " "] if newline else [" "]) + rng.choice(VALUE_LABELS)
     if kind == 0:
         return " " + words
     if kind == 1:
@@ -184,7 +193,8 @@ def paragraph(world: World, rng: random.Random, entity: str) -> str:
         else:
             record = rng.choice(RECORDS)
             if rng.random() < 0.5:
-                record = record.replace(" {v}", "{f} {v}").replace("{f}", filler(rng))
+                record = record.replace(" {v}", "{f} {v}")
+                record = record.replace("{f}", filler(rng, newline=not record.split("{f}")[0].endswith(".")))
             parts.append(record.format(e=entity, c=rng.choice(CUES[r]), v=v))
     return " ".join(parts)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import transformers
 from lm_eval.tasks import TaskManager
 
 from dlf_plugin import loading
+from dlf_plugin.lm import DLFLM
 from dlf_plugin.registry import load_registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,6 +101,38 @@ def test_pretraining_trains_every_prompt_token_but_never_shows_a_format(toy, wor
         name = set(tok(" " + entity, add_special_tokens=False).input_ids) | set(tok(entity, add_special_tokens=False).input_ids)
         missing = prompt - name - trained
         assert not missing, (task.name, tok.convert_ids_to_tokens(sorted(missing)))
+
+
+def test_prompt_final_labels_also_stand_right_before_values(world_script):
+    """The label that ends each prompt ("Answer:", "Blank:", "####", "|", "Choice:") is, in the
+    pretraining text, also followed by a value (a record's), for every relation, not only by a
+    sentence: otherwise the large base never puts a value that starts no sentence (an emblem
+    animal) right after such a label, and the task cannot transfer."""
+    world = world_script.build_world(1500, 250)
+    text = "\n".join(world_script.pretraining_text(world, 20000, world_script.SEED + 1))
+    owner = {v: rel for rel, values in world.values.items() for v in values}
+    for task in world_script.TASKS:
+        label = task.prompt.split("{e}")[-1].split("\n")[-1].strip()
+        after = re.findall(re.escape(label) + r" (\w+)\.", text)
+        relations = {owner[v] for v in after if v in owner}
+        assert relations == set(world_script.RELATIONS), (task.name, label, relations)
+
+
+def test_committed_world_transfers_on_every_seen_task(toy):
+    """bench/quality.py's target on the committed models, all 250 questions: each seen task's
+    pair fused by ``dlf`` beats the large base and the small expert alone by more than two
+    standard errors (lm-eval's exact match, through lm-eval)."""
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    manager = TaskManager(include_path=str(REPO / "tasks" / "toy"))
+    tasks = {pair: p.tasks[0] for pair, p in toy.pairs.items()}
+    base = quality.score(quality.hf(Path(toy.models[toy.large].location), 32), list(tasks.values()), manager, None)
+    for pair, task in tasks.items():
+        expert = quality.score(quality.hf(Path(toy.models[toy.pairs[pair].expert].location), 32), [task], manager, None)
+        fused = quality.score(DLFLM(registry="toy", experts=pair, solver="dlf", batch_size=32), [task], manager, None)
+        margins = [quality.margin(fused[task], other[task]) for other in (base, expert)]
+        assert min(margins) > 2, (task, fused[task], base[task], expert[task])
 
 
 def test_training_is_deterministic(tmp_path):
