@@ -40,8 +40,10 @@ class DLFLM(HFLM):
 
     Args:
         registry: path to a registry YAML, or a shipped registry's name (default ``toy``).
-        experts: pair names joined by ``+`` (``gsm8k+triviaqa``), ``all``, or empty for
-            the large base alone.
+        experts: pair names joined by ``+`` (``gsm8k+triviaqa``), ``all``, ``auto``, or
+            empty for the large base alone. ``auto`` loads every pair and fuses each request
+            with the pairs whose registry ``tasks`` list its lm-eval task; a task no pair
+            lists gets every pair (the paper's unseen tasks).
         solver: a registered solver's name (default ``dlf``).
         dtype: overrides every model's registry dtype (auto, float32, float16, bfloat16).
         trace: path of a JSONL file receiving the per-token weights of every generation.
@@ -64,9 +66,11 @@ class DLFLM(HFLM):
     ) -> None:
         hflm_args = {k: kwargs.pop(k) for k in PASSED_TO_HFLM if k in kwargs}
         self.registry = load_registry(registry)
-        names = _split_experts(experts, list(self.registry.pairs))
+        self.routed = experts == "auto"
+        names = list(self.registry.pairs) if self.routed else _split_experts(experts, list(self.registry.pairs))
         pair_specs = self.registry.select(names)
         solver_obj, plugin = make_solver(str(solver), [p.name for p in pair_specs], kwargs, DLF_ARGS + PASSED_TO_HFLM)
+        self._solver_args = (str(solver), kwargs)
         if dtype is not None and dtype not in DTYPES:
             raise RegistryError(f"model_args dtype={dtype!r} is not one of {', '.join(DTYPES)}")
 
@@ -92,6 +96,8 @@ class DLFLM(HFLM):
             solver=solver_obj,
             plugin=plugin,
         )
+        self._engines = {tuple(p.name for p in pair_specs): self.engine}
+        self.routes: dict[str, list[str]] = {}  # experts=auto: task -> the pairs its requests were fused with
         self._chat_template_applied = False
         self._chat_checked = False
         self.tracer = TraceWriter(trace, [p.name for p in pair_specs], self.tok_decode) if trace else None
@@ -131,11 +137,65 @@ class DLFLM(HFLM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         self._check_prompt_format()
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        return self._routed(requests, lambda group: super(DLFLM, self).loglikelihood(group, disable_tqdm=disable_tqdm))
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        self._check_prompt_format()
+        return self._routed(requests, lambda group: super(DLFLM, self).loglikelihood_rolling(group, disable_tqdm=disable_tqdm))
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         self._check_prompt_format()
-        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        return self._routed(requests, lambda group: super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm))
+
+    # -- experts=auto: each task's own pairs ----------------------------------------------
+
+    def pairs_for(self, task: str | None) -> tuple[str, ...]:
+        """experts=auto: the pairs whose registry ``tasks`` list ``task``, in registry order;
+        every pair when none does."""
+        every = tuple(p.name for p in self.pair_specs)
+        return tuple(p.name for p in self.pair_specs if task in p.tasks) or every
+
+    def _routed(self, requests, run):
+        """``run`` over ``requests``; with experts=auto, once per set of pairs, each request
+        fused with its task's pairs, results back in request order."""
+        if not self.routed:
+            return run(requests)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, request in enumerate(requests):
+            task = getattr(request, "task_name", None)
+            names = self.pairs_for(task)
+            self.routes[str(task)] = list(names)
+            groups.setdefault(names, []).append(i)
+        results: list[Any] = [None] * len(requests)
+        every = self.engine
+        try:
+            for names, rows in groups.items():
+                self.engine = self._engine_for(names)
+                if self.tracer is not None:
+                    self.tracer.pair_names = list(names)
+                for i, result in zip(rows, run([requests[i] for i in rows]), strict=True):
+                    results[i] = result
+        finally:
+            self.engine = every
+            if self.tracer is not None:
+                self.tracer.pair_names = [p.name for p in self.pair_specs]
+        return results
+
+    def _engine_for(self, names: tuple[str, ...]) -> FusionEngine:
+        """An engine over the loaded models that fuses only the pairs ``names`` (built once)."""
+        if names not in self._engines:
+            solver_name, options = self._solver_args
+            solver_obj, plugin = make_solver(solver_name, list(names), options)
+            every = self._engines[tuple(p.name for p in self.pair_specs)]
+            self._engines[names] = FusionEngine(
+                models=every.models,
+                large=every.large,
+                pairs=[p for p in every.pairs if p.name in names],
+                vocab_size=every.vocab_size,
+                solver=solver_obj,
+                plugin=plugin,
+            )
+        return self._engines[names]
 
     # -- scoring --------------------------------------------------------------------------
 
@@ -277,6 +337,8 @@ class DLFLM(HFLM):
                     {"name": p.name, "expert": p.expert, "base": p.base, "tasks": list(p.tasks), "chat_template": p.chat_template}
                     for p in self.pair_specs
                 ],
+                "experts": "auto" if self.routed else [p.name for p in self.pair_specs],
+                **({"routes": dict(self.routes)} if self.routed else {}),
                 "solver": {**self.engine.solver.describe(), "plugin": self.engine.plugin},
                 "versions": {pkg: _version(pkg) for pkg in ("torch", "transformers", "lm_eval", "pluggy")},
             },

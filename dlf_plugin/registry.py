@@ -130,7 +130,7 @@ class Registry:
             if name not in self.pairs:
                 raise RegistryError(
                     f"model_args experts: {name!r} is not an expert pair of registry "
-                    f"{self.path}; valid names: {', '.join(sorted(self.pairs)) or '(none)'}"
+                    f"{self.path}; valid names: {', '.join(sorted(self.pairs)) or '(none)'} (or all, auto)"
                 )
             if any(p.name == name for p in chosen):
                 raise RegistryError(f"model_args experts: {name!r} is given twice")

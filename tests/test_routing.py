@@ -1,0 +1,69 @@
+"""experts=auto: each lm-eval task fused with the pairs whose registry ``tasks`` list it, in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lm_eval
+import pytest
+import yaml
+from lm_eval.tasks import TaskManager
+
+from dlf_plugin.lm import DLFLM
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS = ["toy_qa", "toy_mc", "toy_num"]
+# The tiny registry's pairs: a1 and b list toy_qa, a2 lists toy_mc, none lists toy_num.
+EXPECTED = {"toy_qa": ["a1", "b"], "toy_mc": ["a2"], "toy_num": ["a1", "a2", "b"]}
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_world) -> Path:
+    """The tiny registry without its pair of foreign vocabulary (auto loads every pair)."""
+    doc = yaml.safe_load(tiny_world["registry"].read_text())
+    del doc["pairs"]["foreign"], doc["models"]["foreign"]
+    path = tiny_world["root"] / "routed.yaml"
+    path.write_text(yaml.safe_dump({**doc, "name": "routed"}, sort_keys=False))
+    return path
+
+
+def run(registry: Path, experts: str, tasks: list[str], **kwargs) -> dict:
+    lm = DLFLM(registry=str(registry), experts=experts, solver="dlf", batch_size=4, **kwargs)
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, limit=5, log_samples=True, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(REPO / "tasks" / "toy")),
+    )
+
+
+def responses(out: dict, task: str) -> list:
+    return [s["resps"] for s in sorted(out["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def test_auto_equals_each_task_run_with_its_own_pairs(registry, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    routed = run(registry, "auto", TASKS, trace=str(trace))
+    assert routed["config"]["dlf"]["experts"] == "auto"
+    assert routed["config"]["dlf"]["routes"] == EXPECTED
+    for task, pairs in EXPECTED.items():
+        alone = run(registry, "+".join(pairs), [task])
+        assert alone["config"]["dlf"]["experts"] == pairs
+        got, want = responses(routed, task), responses(alone, task)
+        if task == "toy_mc":  # loglikelihoods: equal to float rounding
+            flat = [(ll, greedy) for doc in got for ((ll, greedy),) in doc]
+            assert flat == [(pytest.approx(ll, abs=1e-5), greedy) for doc in want for ((ll, greedy),) in doc]
+        else:
+            assert got == want, task
+    # Routing changed something: toy_mc fused with every pair scores otherwise than with a2 alone.
+    every = run(registry, "all", ["toy_mc"])
+    assert [r[0][0][0] for r in responses(every, "toy_mc")] != pytest.approx(
+        [r[0][0][0] for r in responses(routed, "toy_mc")], abs=1e-5)
+    # The trace names, on every line, just the pairs that request was fused with.
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    keys_by_prompt = {}
+    for line in lines:
+        if "prompt" in line:
+            keys_by_prompt[line["prompt"][:12]] = sorted(line["weights"])
+    assert keys_by_prompt["Question: Wh"] == EXPECTED["toy_qa"]
+    assert keys_by_prompt["Record: foun"] == EXPECTED["toy_num"]
+    assert keys_by_prompt["Pick the lan"] == EXPECTED["toy_mc"]
