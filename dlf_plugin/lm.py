@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 # model_args that dlf itself reads (everything else goes to the solver) and HFLM's
 # that dlf passes through.
-DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement")
+DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route")
+ROUTES = ("none", "task")
 PASSED_TO_HFLM = ("batch_size", "max_batch_size", "max_length", "add_bos_token", "prefix_token_id", "truncation", "logits_cache")
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k")
 
@@ -40,10 +41,11 @@ class DLFLM(HFLM):
 
     Args:
         registry: path to a registry YAML, or a shipped registry's name (default ``toy``).
-        experts: pair names joined by ``+`` (``gsm8k+triviaqa``), ``all``, ``auto``, or
-            empty for the large base alone. ``auto`` loads every pair and fuses each request
-            with the pairs whose registry ``tasks`` list its lm-eval task; a task no pair
-            lists gets every pair (the paper's unseen tasks).
+        experts: pair names joined by ``+`` (``gsm8k+triviaqa``), ``all``, ``auto``
+            (``all`` with ``route=task``), or empty for the large base alone.
+        route: ``none`` (every request fused with every chosen pair) or ``task``: each
+            request fused with those of the chosen pairs whose registry ``tasks`` list its
+            lm-eval task; a task none of them lists gets them all (the paper's unseen tasks).
         solver: a registered solver's name (default ``dlf``).
         dtype: overrides every model's registry dtype (auto, float32, float16, bfloat16).
         trace: path of a JSONL file receiving the per-token weights of every generation.
@@ -61,13 +63,17 @@ class DLFLM(HFLM):
         dtype: str | None = None,
         trace: str | None = None,
         placement: str | None = None,
+        route: str = "none",
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
         hflm_args = {k: kwargs.pop(k) for k in PASSED_TO_HFLM if k in kwargs}
         self.registry = load_registry(registry)
-        self.routed = experts == "auto"
-        names = list(self.registry.pairs) if self.routed else _split_experts(experts, list(self.registry.pairs))
+        if route not in ROUTES:
+            raise RegistryError(f"model_args route={route!r} is not one of {', '.join(ROUTES)}")
+        self.routed = experts == "auto" or route == "task"
+        experts = "all" if experts == "auto" else experts
+        names = _split_experts(experts, list(self.registry.pairs))
         pair_specs = self.registry.select(names)
         solver_obj, plugin = make_solver(str(solver), [p.name for p in pair_specs], kwargs, DLF_ARGS + PASSED_TO_HFLM)
         self._solver_args = (str(solver), kwargs)
@@ -97,7 +103,7 @@ class DLFLM(HFLM):
             plugin=plugin,
         )
         self._engines = {tuple(p.name for p in pair_specs): self.engine}
-        self.routes: dict[str, list[str]] = {}  # experts=auto: task -> the pairs its requests were fused with
+        self.routes: dict[str, list[str]] = {}  # route=task: task -> the pairs its requests were fused with
         self._chat_template_applied = False
         self._chat_checked = False
         self.tracer = TraceWriter(trace, [p.name for p in pair_specs], self.tok_decode) if trace else None
@@ -147,16 +153,16 @@ class DLFLM(HFLM):
         self._check_prompt_format()
         return self._routed(requests, lambda group: super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm))
 
-    # -- experts=auto: each task's own pairs ----------------------------------------------
+    # -- route=task: each task's own pairs ------------------------------------------------
 
     def pairs_for(self, task: str | None) -> tuple[str, ...]:
-        """experts=auto: the pairs whose registry ``tasks`` list ``task``, in registry order;
-        every pair when none does."""
+        """route=task: the chosen pairs whose registry ``tasks`` list ``task``, in the order
+        chosen; all of them when none does."""
         every = tuple(p.name for p in self.pair_specs)
         return tuple(p.name for p in self.pair_specs if task in p.tasks) or every
 
     def _routed(self, requests, run):
-        """``run`` over ``requests``; with experts=auto, once per set of pairs, each request
+        """``run`` over ``requests``; with route=task, once per set of pairs, each request
         fused with its task's pairs, results back in request order."""
         if not self.routed:
             return run(requests)
@@ -337,7 +343,7 @@ class DLFLM(HFLM):
                     {"name": p.name, "expert": p.expert, "base": p.base, "tasks": list(p.tasks), "chat_template": p.chat_template}
                     for p in self.pair_specs
                 ],
-                "experts": "auto" if self.routed else [p.name for p in self.pair_specs],
+                "route": "task" if self.routed else "none",
                 **({"routes": dict(self.routes)} if self.routed else {}),
                 "solver": {**self.engine.solver.describe(), "plugin": self.engine.plugin},
                 "versions": {pkg: _version(pkg) for pkg in ("torch", "transformers", "lm_eval", "pluggy")},

@@ -154,6 +154,11 @@ def test_bad_dtype_override(tiny_world, no_model_loads):
         build(str(tiny_world["registry"]), experts="a1", dtype="float64")
 
 
+def test_bad_route(tiny_world, no_model_loads):
+    with pytest.raises(RegistryError, match=r"model_args route='tasks' is not one of none, task"):
+        build(str(tiny_world["registry"]), experts="a1", route="tasks")
+
+
 def test_registry_loads_without_torch(tiny_world):
     """Reading a registry imports no torch: it must run before anything heavy."""
     import subprocess

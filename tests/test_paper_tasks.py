@@ -145,3 +145,16 @@ def test_hub_configs_name_the_paper_datasets():
     assert yaml.load((REPO / "tasks/paper/dlf_triviaqa.yaml").read_text(), Loader=Loader)["generation_kwargs"] == {
         "until": ["\n\n"], "max_gen_toks": 20, "do_sample": False, "temperature": 0.0
     }
+
+
+def test_paper_registry_pairs_list_the_task_configs_they_are_for():
+    """route=task matches lm-eval task names: every dlf_* name a pair of registry/paper.yaml lists
+    is a config in tasks/paper, hub and offline variants alike, and the unseen tasks are listed by none."""
+    from dlf_plugin.registry import load_registry
+
+    configs = {p.stem for p in (REPO / "tasks" / "paper").glob("dlf_*.yaml")}
+    listed = {t for pair in load_registry("paper").pairs.values() for t in pair.tasks if t.startswith("dlf_")}
+    seen = {"dlf_gsm8k", "dlf_truthfulqa_mc", "dlf_triviaqa", "dlf_cnn_dailymail"}
+    assert listed == seen | {f"{t}_offline" for t in seen}
+    assert listed <= configs
+    assert not {c for c in configs if "pubmedqa" in c or "mmlu" in c} & listed

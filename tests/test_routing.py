@@ -1,4 +1,4 @@
-"""experts=auto: each lm-eval task fused with the pairs whose registry ``tasks`` list it, in one run."""
+"""route=task (experts=auto): each lm-eval task fused with the pairs whose registry ``tasks`` list it, in one run."""
 
 from __future__ import annotations
 
@@ -43,11 +43,12 @@ def responses(out: dict, task: str) -> list:
 def test_auto_equals_each_task_run_with_its_own_pairs(registry, tmp_path):
     trace = tmp_path / "trace.jsonl"
     routed = run(registry, "auto", TASKS, trace=str(trace))
-    assert routed["config"]["dlf"]["experts"] == "auto"
+    assert routed["config"]["dlf"]["route"] == "task"
     assert routed["config"]["dlf"]["routes"] == EXPECTED
     for task, pairs in EXPECTED.items():
         alone = run(registry, "+".join(pairs), [task])
-        assert alone["config"]["dlf"]["experts"] == pairs
+        assert [p["name"] for p in alone["config"]["dlf"]["pairs"]] == pairs
+        assert alone["config"]["dlf"]["route"] == "none" and "routes" not in alone["config"]["dlf"]
         got, want = responses(routed, task), responses(alone, task)
         if task == "toy_mc":  # loglikelihoods: equal to float rounding
             flat = [(ll, greedy) for doc in got for ((ll, greedy),) in doc]
@@ -67,3 +68,12 @@ def test_auto_equals_each_task_run_with_its_own_pairs(registry, tmp_path):
     assert keys_by_prompt["Question: Wh"] == EXPECTED["toy_qa"]
     assert keys_by_prompt["Record: foun"] == EXPECTED["toy_num"]
     assert keys_by_prompt["Pick the lan"] == EXPECTED["toy_mc"]
+
+
+def test_route_among_the_chosen_pairs_only(registry):
+    """experts=a2+a1,route=task: toy_qa gets a1 alone (b, which lists it too, is not chosen);
+    toy_num, listed by neither, gets both, in the order chosen."""
+    routed = run(registry, "a2+a1", ["toy_qa", "toy_num"], route="task")
+    assert routed["config"]["dlf"]["routes"] == {"toy_qa": ["a1"], "toy_num": ["a2", "a1"]}
+    assert responses(routed, "toy_qa") == responses(run(registry, "a1", ["toy_qa"]), "toy_qa")
+    assert responses(routed, "toy_num") == responses(run(registry, "a2+a1", ["toy_num"]), "toy_num")
