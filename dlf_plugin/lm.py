@@ -63,12 +63,13 @@ class DLFLM(HFLM):
         dtype: str | None = None,
         trace: str | None = None,
         placement: str | None = None,
-        route: str = "none",
+        route: str | None = "none",
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
         hflm_args = {k: kwargs.pop(k) for k in PASSED_TO_HFLM if k in kwargs}
         self.registry = load_registry(registry)
+        route = "none" if route is None else route  # lm-eval's model_args parser turns "none" into None
         if route not in ROUTES:
             raise RegistryError(f"model_args route={route!r} is not one of {', '.join(ROUTES)}")
         self.routed = experts == "auto" or route == "task"

@@ -77,3 +77,11 @@ def test_route_among_the_chosen_pairs_only(registry):
     assert routed["config"]["dlf"]["routes"] == {"toy_qa": ["a1"], "toy_num": ["a2", "a1"]}
     assert responses(routed, "toy_qa") == responses(run(registry, "a1", ["toy_qa"]), "toy_qa")
     assert responses(routed, "toy_num") == responses(run(registry, "a2+a1", ["toy_num"]), "toy_num")
+
+
+def test_route_from_lm_eval_model_args(registry):
+    """lm-eval's model_args parser turns "none" into None; both values still mean what they say."""
+    for value, routed in (("none", False), ("task", True)):
+        lm = DLFLM.create_from_arg_string(f"registry={registry},experts=a1,route={value}")
+        assert lm.routed is routed
+        assert lm.get_model_info()["dlf"]["route"] == value
