@@ -29,11 +29,12 @@ class Pair:
 
 @dataclasses.dataclass(frozen=True)
 class Fused:
-    """Fused logits for N rows, with the weights that produced them."""
+    """Fused logits for N rows, with the weights that produced them and the pairs they weigh."""
 
     logits: torch.Tensor  # [N, V] float32
     weights: torch.Tensor  # [N, P]
     inputs: FusionInputs
+    pairs: tuple[str, ...]  # the P pairs' names, in the weights' column order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,7 @@ class FusionEngine:
         self.models = models
         self.large = large
         self.pairs = pairs
+        self.pair_names = tuple(p.name for p in pairs)
         self.vocab_size = vocab_size
         self.solver = solver
         self.plugin = plugin
@@ -122,7 +124,7 @@ class FusionEngine:
         """Solve and fuse N rows: ``base [N, V]``, each small/expert ``[N, V]``."""
         n, v = base.shape
         if not self.pairs:
-            return Fused(base, base.new_zeros(n, 0), FusionInputs(base, base.new_zeros(n, 0, v), base.new_zeros(n, 0, v), row_mask))
+            return Fused(base, base.new_zeros(n, 0), FusionInputs(base, base.new_zeros(n, 0, v), base.new_zeros(n, 0, v), row_mask), self.pair_names)
         small = _by_pair(smalls, self._pair_base, self._bases_in_pair_order)  # [N, P, V]
         expert = _by_pair(experts, self._pair_expert, self._experts_in_pair_order)  # [N, P, V]
         inputs = FusionInputs(base, small, expert, row_mask)
@@ -130,7 +132,7 @@ class FusionEngine:
         # z_L + sum_k w_k z_Ek - sum_k w_k z_Sk, without materialising the deltas.
         w = weights.to(base.dtype).unsqueeze(1)  # [N, 1, P]
         fused = torch.baddbmm(base.unsqueeze(1), w, expert).baddbmm_(w, small, alpha=-1).squeeze(1)
-        return Fused(fused, weights, inputs)
+        return Fused(fused, weights, inputs, self.pair_names)
 
     # -- teacher-forced scoring -----------------------------------------------------------
 

@@ -103,11 +103,12 @@ class DLFLM(HFLM):
             solver=solver_obj,
             plugin=plugin,
         )
-        self._engines = {tuple(p.name for p in pair_specs): self.engine}
+        self._chosen = tuple(p.name for p in pair_specs)
+        self._engines = {self._chosen: self.engine}
         self.routes: dict[str, list[str]] = {}  # route=task: task -> the pairs its requests were fused with
         self._chat_template_applied = False
         self._chat_checked = False
-        self.tracer = TraceWriter(trace, [p.name for p in pair_specs], self.tok_decode) if trace else None
+        self.tracer = TraceWriter(trace, self.tok_decode) if trace else None
 
     # -- construction from lm-eval's model_args ---------------------------------------------
 
@@ -159,8 +160,7 @@ class DLFLM(HFLM):
     def pairs_for(self, task: str | None) -> tuple[str, ...]:
         """route=task: the chosen pairs whose registry ``tasks`` list ``task``, in the order
         chosen; all of them when none does."""
-        every = tuple(p.name for p in self.pair_specs)
-        return tuple(p.name for p in self.pair_specs if task in p.tasks) or every
+        return tuple(p.name for p in self.pair_specs if task in p.tasks) or self._chosen
 
     def _routed(self, requests, run):
         """``run`` over ``requests``; with route=task, once per set of pairs, each request
@@ -174,18 +174,13 @@ class DLFLM(HFLM):
             self.routes[str(task)] = list(names)
             groups.setdefault(names, []).append(i)
         results: list[Any] = [None] * len(requests)
-        every = self.engine
         try:
             for names, rows in groups.items():
                 self.engine = self._engine_for(names)
-                if self.tracer is not None:
-                    self.tracer.pair_names = list(names)
                 for i, result in zip(rows, run([requests[i] for i in rows]), strict=True):
                     results[i] = result
         finally:
-            self.engine = every
-            if self.tracer is not None:
-                self.tracer.pair_names = [p.name for p in self.pair_specs]
+            self.engine = self._engines[self._chosen]
         return results
 
     def _engine_for(self, names: tuple[str, ...]) -> FusionEngine:
@@ -193,7 +188,7 @@ class DLFLM(HFLM):
         if names not in self._engines:
             solver_name, options = self._solver_args
             solver_obj, plugin = make_solver(solver_name, list(names), options)
-            every = self._engines[tuple(p.name for p in self.pair_specs)]
+            every = self._engines[self._chosen]
             self._engines[names] = FusionEngine(
                 models=every.models,
                 large=every.large,

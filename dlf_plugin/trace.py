@@ -26,11 +26,10 @@ from dlf_plugin.fusion import FusionInputs, dlf_loss
 class TraceWriter:
     """Appends trace lines to ``path`` (truncated when the model is built)."""
 
-    def __init__(self, path: str | Path, pair_names: list[str], decode) -> None:
+    def __init__(self, path: str | Path, decode) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
-        self.pair_names = pair_names
         self.decode = decode
         self.requests = 0
 
@@ -46,7 +45,7 @@ class TraceWriter:
         inputs = FusionInputs(*(t.index_select(0, index) for t in (
             fused.inputs.base_logits, fused.inputs.small_logits, fused.inputs.expert_logits, fused.inputs.row_mask)))
         weights = fused.weights.index_select(0, index)
-        losses = dlf_loss(inputs, weights).tolist() if self.pair_names else [0.0] * len(rows)
+        losses = dlf_loss(inputs, weights).tolist() if fused.pairs else [0.0] * len(rows)
         weights = weights.tolist()
         with self.path.open("a") as handle:
             for row, (request, position, token) in enumerate(zip(requests, positions, tokens)):
@@ -56,7 +55,7 @@ class TraceWriter:
                     "position": position,
                     "token": token,
                     "text": self.decode([token]),
-                    "weights": dict(zip(self.pair_names, weights[row])),
+                    "weights": dict(zip(fused.pairs, weights[row])),
                     "loss": losses[row],
                 }
                 if prompts is not None and prompts[row] is not None:

@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "train_toy_world.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("train_toy_world", SCRIPT)
+def _load(path: Path, name: str):
+    """A script of the repository (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -32,7 +33,14 @@ def _script():
 
 @pytest.fixture(scope="module")
 def world_script():
-    return _script()
+    return _load(SCRIPT, "train_toy_world")
+
+
+@pytest.fixture(scope="module")
+def pretraining(world_script):
+    """The script's world and the first 20,000 paragraphs of its pretraining text."""
+    world = world_script.build_world(1500, 250)
+    return world, world_script.pretraining_text(world, 20000, world_script.SEED + 1)
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +95,10 @@ def test_task_data_is_the_scripts_world_and_prompts_match_training(tmp_path, mon
         assert not {d["entity"] for d in docs} & set(world.train)
 
 
-def test_pretraining_trains_every_prompt_token_but_never_shows_a_format(toy, world_script):
+def test_pretraining_trains_every_prompt_token_but_never_shows_a_format(toy, world_script, pretraining):
     """Every token of every task prompt (around the kingdom's name) occurs in the pretraining
     text, so none keeps a random embedding; no prompt's fixed part does."""
-    world = world_script.build_world(1500, 250)
-    text = world_script.pretraining_text(world, 20000, world_script.SEED + 1)
+    world, text = pretraining
     assert [x for x in world_script.task_skeletons() if any(x in t for t in text)] == []
     tok = transformers.AutoTokenizer.from_pretrained(toy.models["large-base"].location)
     trained = {i for ids in tok(text, add_special_tokens=False).input_ids for i in ids}
@@ -103,13 +110,13 @@ def test_pretraining_trains_every_prompt_token_but_never_shows_a_format(toy, wor
         assert not missing, (task.name, tok.convert_ids_to_tokens(sorted(missing)))
 
 
-def test_prompt_final_labels_also_stand_right_before_values(world_script):
+def test_prompt_final_labels_also_stand_right_before_values(world_script, pretraining):
     """The label that ends each prompt ("Answer:", "Blank:", "####", "|", "Choice:") is, in the
     pretraining text, also followed by a value (a record's), for every relation, not only by a
     sentence: otherwise the large base never puts a value that starts no sentence (an emblem
     animal) right after such a label, and the task cannot transfer."""
-    world = world_script.build_world(1500, 250)
-    text = "\n".join(world_script.pretraining_text(world, 20000, world_script.SEED + 1))
+    world, paragraphs = pretraining
+    text = "\n".join(paragraphs)
     owner = {v: rel for rel, values in world.values.items() for v in values}
     for task in world_script.TASKS:
         label = task.prompt.split("{e}")[-1].split("\n")[-1].strip()
@@ -122,9 +129,7 @@ def test_committed_world_transfers_on_every_seen_task(toy):
     """bench/quality.py's target on the committed models, all 250 questions: each seen task's
     pair fused by ``dlf`` beats the large base and the small expert alone by more than two
     standard errors (lm-eval's exact match, through lm-eval)."""
-    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = _load(REPO / "bench" / "quality.py", "quality_bench")
     manager = TaskManager(include_path=str(REPO / "tasks" / "toy"))
     tasks = {pair: p.tasks[0] for pair, p in toy.pairs.items()}
     base = quality.score(quality.hf(Path(toy.models[toy.large].location), 32), list(tasks.values()), manager, None)
