@@ -8,14 +8,16 @@ applies them with :mod:`dlf_plugin.fusion`. It knows nothing of lm-eval.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable
 
 import torch
-import transformers
 
-from dlf_plugin.fusion import MAX_DELTA, FusionInputs
-from dlf_plugin.solvers.base import Solver, checked_solve
+from dlf_plugin.backends import LocalModel, ModelFault
+from dlf_plugin.fusion import FusionInputs, dlf_loss
+from dlf_plugin.solvers.base import Solver, checked_solve, explain_bad_weights
+
+# Bytes scoring may spend on fused rows at once (model_args fusion_memory, in MiB).
+DEFAULT_FUSION_MEMORY = 1024 * 1024**2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,17 @@ class Fused:
     weights: torch.Tensor  # [N, P]
     inputs: FusionInputs
     pairs: tuple[str, ...]  # the P pairs' names, in the weights' column order
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """Fused scoring of M positions: log-probabilities of the asked tokens and the greedy choice."""
+
+    logprobs: torch.Tensor  # [M, J] float32, log p(target j) at each position
+    greedy: torch.Tensor  # [M] the fused argmax
+    weights: torch.Tensor  # [M, P]
+    losses: torch.Tensor | None  # [M] the DLF objective at the weights, when asked
+    pairs: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,21 +71,26 @@ class FusionEngine:
     """Fused scoring and generation for one large base and a list of expert pairs.
 
     Args:
-        models: every distinct model, by name (the large one, small bases, experts).
+        models: every distinct model behind its backend, by name (the large one, small
+            bases, experts); shared by every engine over the same loaded models.
         large: name of the large base in ``models``.
         pairs: the expert pairs, in the order the solver sees them.
-        vocab_size: the common vocabulary V; logits beyond it are dropped.
+        vocab_size: the common vocabulary V; logits beyond it are never computed.
         solver: the weight solver; ``plugin`` names the plugin it came from.
+        fusion_memory: bytes that scoring may spend on fused rows at once (logits of every
+            model, the solver's work, the fused log-probabilities); positions are fused in
+            chunks that fit (DESIGN.md section 5).
     """
 
     def __init__(
         self,
-        models: dict[str, transformers.PreTrainedModel],
+        models: dict[str, LocalModel],
         large: str,
         pairs: list[Pair],
         vocab_size: int,
         solver: Solver,
         plugin: str,
+        fusion_memory: int = DEFAULT_FUSION_MEMORY,
     ) -> None:
         self.models = models
         self.large = large
@@ -81,15 +99,17 @@ class FusionEngine:
         self.vocab_size = vocab_size
         self.solver = solver
         self.plugin = plugin
+        self.fusion_memory = fusion_memory
         self.bases = list(dict.fromkeys(p.base for p in pairs))
         self.experts = list(dict.fromkeys(p.expert for p in pairs))
-        self.device = _model_device(models[large])
+        self.device = models[large].device
         # Which distinct small base each pair subtracts: index into self.bases.
-        self._pair_base = torch.tensor([self.bases.index(p.base) for p in pairs], dtype=torch.long, device=self.device)
-        self._pair_expert = torch.tensor([self.experts.index(p.expert) for p in pairs], dtype=torch.long, device=self.device)
-        self._bases_in_pair_order = self._pair_base.tolist() == list(range(len(pairs)))
-        self._experts_in_pair_order = self._pair_expert.tolist() == list(range(len(pairs)))
-        self._keeps = {name: "logits_to_keep" in inspect.signature(m.forward).parameters for name, m in models.items()}
+        pair_base = [self.bases.index(p.base) for p in pairs]
+        pair_expert = [self.experts.index(p.expert) for p in pairs]
+        self._pair_base = torch.tensor(pair_base, dtype=torch.long, device=self.device)
+        self._pair_expert = torch.tensor(pair_expert, dtype=torch.long, device=self.device)
+        self._bases_in_pair_order = pair_base == list(range(len(pairs)))
+        self._experts_in_pair_order = pair_expert == list(range(len(pairs)))
         self.observer: StepObserver | None = None
 
     @property
@@ -97,68 +117,111 @@ class FusionEngine:
         """The models run at every step, each once."""
         return [self.large, *self.bases, *self.experts]
 
-    # -- one forward pass of every model ------------------------------------------------
+    @property
+    def chunk_rows(self) -> int:
+        """Positions fused at once when scoring: ``fusion_memory`` over one row's float32 work
+        (each model's logits, the pairs' stacked small and expert logits, the solver's
+        deltas and scratch, the fused logits and their log-softmax)."""
+        p = len(self.pairs)
+        per_row = 4 * self.vocab_size * (len(self.forward_order) + 4 * p + 3)
+        return max(1, self.fusion_memory // per_row)
 
-    def _forward(self, name, input_ids, keep, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
-        """Logits of the last ``keep`` positions of one model, on the fusion device, float32, ``[B, keep, V]``."""
-        model = self.models[name]
-        device = _model_device(model)
-        kwargs = {}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask.to(device)
-            kwargs["position_ids"] = position_ids.to(device)
-        if cache is not None:
-            kwargs["past_key_values"] = cache
-            kwargs["use_cache"] = True
-        else:
-            kwargs["use_cache"] = False
-        if self._keeps[name]:
-            kwargs["logits_to_keep"] = keep
-        logits = model(input_ids.to(device), **kwargs).logits[:, -keep:, : self.vocab_size]
-        logits = logits.to(self.device, torch.float32)
-        # A model may forbid tokens with -inf; keep every logit finite so that weighted sums
-        # (0 x -inf) and differences (-inf - -inf) stay numbers.
-        return torch.nan_to_num_(logits, nan=0.0, posinf=MAX_DELTA, neginf=-MAX_DELTA)
+    # -- fusing rows ----------------------------------------------------------------------
 
-    def _fuse_rows(self, base: torch.Tensor, smalls: list[torch.Tensor], experts: list[torch.Tensor], row_mask: torch.Tensor) -> Fused:
-        """Solve and fuse N rows: ``base [N, V]``, each small/expert ``[N, V]``."""
+    def _logits(self, hidden: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """float32 logits ``[N, V]`` of every model from its hidden rows, and a device-side
+        flag per model (``[models]`` bool) set where a logit is NaN or infinite."""
+        logits = {name: self.models[name].logits(hidden[name]) for name in self.forward_order}
+        faults = torch.stack([~torch.isfinite(logits[name]).all() for name in self.forward_order])
+        return logits, faults
+
+    def _fuse_rows(self, logits: dict[str, torch.Tensor], row_mask: torch.Tensor) -> tuple[Fused, torch.Tensor]:
+        """Solve and fuse N rows from every model's logits ``[N, V]``; returns the result and
+        a device-side count of solver weights that break its contract (read later)."""
+        base = logits[self.large]
         n, v = base.shape
         if not self.pairs:
-            return Fused(base, base.new_zeros(n, 0), FusionInputs(base, base.new_zeros(n, 0, v), base.new_zeros(n, 0, v), row_mask), self.pair_names)
-        small = _by_pair(smalls, self._pair_base, self._bases_in_pair_order)  # [N, P, V]
-        expert = _by_pair(experts, self._pair_expert, self._experts_in_pair_order)  # [N, P, V]
+            empty = base.new_zeros(n, 0, v)
+            inputs = FusionInputs(base, empty, empty, row_mask)
+            return Fused(base, base.new_zeros(n, 0), inputs, self.pair_names), base.new_zeros((), dtype=torch.long)
+        small = _by_pair([logits[b] for b in self.bases], self._pair_base, self._bases_in_pair_order)  # [N, P, V]
+        expert = _by_pair([logits[e] for e in self.experts], self._pair_expert, self._experts_in_pair_order)  # [N, P, V]
         inputs = FusionInputs(base, small, expert, row_mask)
-        weights = checked_solve(self.solver, self.plugin, inputs)
+        weights, bad = checked_solve(self.solver, self.plugin, inputs)
         # z_L + sum_k w_k z_Ek - sum_k w_k z_Sk, without materialising the deltas.
         w = weights.to(base.dtype).unsqueeze(1)  # [N, 1, P]
         fused = torch.baddbmm(base.unsqueeze(1), w, expert).baddbmm_(w, small, alpha=-1).squeeze(1)
-        return Fused(fused, weights, inputs, self.pair_names)
+        return Fused(fused, weights, inputs, self.pair_names), bad
+
+    def raise_faults(self, model_faults, solver_faults: int, fused: Fused | None = None) -> None:
+        """Turn the flags read from the device into errors naming the model or the solver."""
+        bad_models = [name for name, flag in zip(self.forward_order, model_faults) if flag]
+        if bad_models:
+            raise ModelFault(
+                f"model(s) {', '.join(bad_models)} gave NaN or infinite logits (a broken checkpoint, or "
+                "overflow in float16: try dtype=bfloat16 or float32); dlf stops rather than fuse them"
+            )
+        if solver_faults:
+            explain_bad_weights(self.solver, self.plugin, fused.inputs, fused.weights)
+
+    def release(self) -> None:
+        """Free the solver's buffers (kept between the steps of one call, not between calls)."""
+        self.solver.release()
 
     # -- teacher-forced scoring -----------------------------------------------------------
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Fused:
-        """Fused logits at selected positions of right-padded rows.
+    def score(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, losses: bool = False) -> Scores:
+        """Fused log-probabilities of target tokens at selected positions of right-padded rows.
+
+        Every model runs once over the batch; its output layer and the fusion run on
+        ``chunk_rows`` positions at a time, so memory beyond the models' own activations is
+        bounded by ``fusion_memory`` whatever the batch and its length.
 
         Args:
             input_ids: ``[B, T]``, right-padded.
-            positions: ``[B, T]`` bool, True where the next-token distribution is needed;
-                all True positions lie in the last ``keep`` columns, where ``keep`` is
-                computed from the mask.
+            positions: ``[B, T]`` bool (on the host), True where the next-token distribution
+                is needed; M True positions in all.
+            targets: ``[M, J]`` token ids whose log-probability is wanted at each position, in
+                row-major order of ``positions``; -1 pads.
+            losses: also return the DLF objective at each position's weights (for traces).
 
         Returns:
-            Fused with ``logits [M, V]`` for the M True positions in row-major order.
+            Scores for the M positions.
         """
+        positions = positions.cpu()
         cols = positions.any(0).nonzero()
         keep = int(input_ids.shape[1] - cols.min()) if len(cols) else 1
-        mask = positions[:, -keep:].to(self.device)
-        logits = {name: self._forward(name, input_ids, keep)[mask] for name in self.forward_order}
-        return self._fuse_rows(
-            logits[self.large],
-            [logits[b] for b in self.bases],
-            [logits[e] for e in self.experts],
-            torch.ones(int(mask.sum()), dtype=torch.bool, device=self.device),
-        )
+        flat = positions[:, -keep:].reshape(-1).nonzero().flatten()  # host: no device sync
+        hidden = {}
+        for name in self.forward_order:
+            states = self.models[name].hidden(input_ids)[:, -keep:]
+            hidden[name] = states.reshape(-1, states.shape[-1]).index_select(0, flat.to(states.device))
+        m = len(flat)
+        targets = targets.to(self.device)
+        logprobs = torch.empty(targets.shape, dtype=torch.float32, device=self.device)
+        greedy = torch.empty(m, dtype=torch.long, device=self.device)
+        weights = torch.empty(m, len(self.pairs), dtype=torch.float32, device=self.device)
+        loss = torch.zeros(m, dtype=torch.float32, device=self.device) if losses else None
+        step = self.chunk_rows
+        try:
+            for start in range(0, m, step):
+                rows = slice(start, min(start + step, m))
+                logits, faults = self._logits({name: h[rows] for name, h in hidden.items()})
+                fused, bad = self._fuse_rows(logits, torch.ones(rows.stop - start, dtype=torch.bool, device=self.device))
+                flags = torch.cat([faults.long(), bad.view(1)]).tolist()  # one transfer per chunk
+                if any(flags):
+                    self.raise_faults(flags[:-1], flags[-1], fused)
+                log_probs = torch.log_softmax(fused.logits, dim=-1)
+                logprobs[rows] = log_probs.gather(1, targets[rows].clamp_min(0))
+                greedy[rows] = fused.logits.argmax(-1)
+                weights[rows] = fused.weights
+                if loss is not None and self.pairs:
+                    loss[rows] = dlf_loss(fused.inputs, fused.weights)
+                del logits, fused, log_probs
+        finally:
+            self.release()
+        return Scores(logprobs, greedy, weights, loss, self.pair_names)
 
     # -- cached decoding ------------------------------------------------------------------
 
@@ -176,7 +239,9 @@ class FusionEngine:
         """Fused decoding of left-padded prompts; each row stops on its own.
 
         A row stops at ``eos_token_id``, when ``stop_check`` says so, or after
-        ``max_new_tokens``; stopped rows are filled with ``pad_token_id``.
+        ``max_new_tokens``; stopped rows are filled with ``pad_token_id``. A step makes one
+        device-to-host transfer: the chosen tokens (stop strings need them) together with
+        the fault flags of the models and the solver.
 
         Args:
             input_ids: ``[B, L]`` left-padded prompts.
@@ -185,48 +250,59 @@ class FusionEngine:
         Returns:
             ``[B, L + n]`` prompts followed by the n <= max_new_tokens generated tokens.
         """
-        batch = input_ids.shape[0]
-        attention_mask = attention_mask.to(self.device)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        caches = {name: transformers.DynamicCache() for name in self.forward_order}
-        step_ids, step_mask, step_pos = input_ids.to(self.device), attention_mask, position_ids
+        batch, prompt_len = input_ids.shape
+        # The whole mask is made once; each step passes a view of its first columns.
+        full_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=attention_mask.dtype, device=self.device)
+        full_mask[:, :prompt_len] = attention_mask.to(self.device)
+        position_ids = (full_mask[:, :prompt_len].long().cumsum(-1) - 1).clamp_min(0)
+        caches = {name: self.models[name].new_cache() for name in self.forward_order}
+        step_ids, step_pos, length = input_ids.to(self.device), position_ids, prompt_len
         finished = [False] * batch
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         generated: list[list[int]] = [[] for _ in range(batch)]
-        out = [input_ids.to(self.device)]
-        for _ in range(max_new_tokens):
-            logits = {
-                name: self._forward(name, step_ids, 1, step_mask, step_pos, caches[name])[:, -1]
-                for name in self.forward_order
-            }
-            fused = self._fuse_rows(
-                logits[self.large], [logits[b] for b in self.bases], [logits[e] for e in self.experts], ~done
-            )
-            next_ids = choose_tokens(fused.logits, sampling)
-            next_ids = torch.where(done, torch.full_like(next_ids, pad_token_id), next_ids)
-            if self.observer is not None:
-                self.observer(fused, ~done, next_ids)
-            out.append(next_ids.unsqueeze(1))
-            host_ids = next_ids.tolist()  # one host sync per step: stop strings need the tokens
-            running = [i for i in range(batch) if not finished[i]]
-            stopped = set()
-            for i in running:
-                generated[i].append(host_ids[i])
-                if host_ids[i] == eos_token_id:
-                    stopped.add(i)
-            if stop_check is not None:
-                live = [i for i in running if i not in stopped]
-                stopped |= stop_check(live, [generated[i] for i in live])
-            if stopped:
+        out = torch.full((batch, prompt_len + max_new_tokens), pad_token_id, dtype=torch.long, device=self.device)
+        out[:, :prompt_len] = step_ids
+        steps = 0
+        try:
+            for steps in range(1, max_new_tokens + 1):
+                mask = full_mask[:, :length]
+                hidden = {
+                    name: self.models[name].hidden(step_ids, mask, step_pos, caches[name])[:, -1]
+                    for name in self.forward_order
+                }
+                logits, model_faults = self._logits(hidden)
+                fused, bad = self._fuse_rows(logits, ~done)
+                next_ids = choose_tokens(fused.logits, sampling)
+                next_ids = torch.where(done, pad_token_id, next_ids)
+                out[:, length] = next_ids
+                # The step's one transfer: tokens, then a flag per model, then the solver's count.
+                report = torch.cat([next_ids, model_faults.long(), bad.view(1)]).tolist()
+                host_ids, flags = report[:batch], report[batch:]
+                if any(flags):
+                    self.raise_faults(flags[:-1], flags[-1], fused)
+                if self.observer is not None:
+                    self.observer(fused, ~done, next_ids)
+                stopped = [i for i in range(batch) if not finished[i] and host_ids[i] == eos_token_id]
+                for i in range(batch):
+                    if not finished[i]:
+                        generated[i].append(host_ids[i])
+                if stop_check is not None:
+                    live = [i for i in range(batch) if not finished[i] and i not in stopped]
+                    by_strings = stop_check(live, [generated[i] for i in live])
+                    if by_strings:
+                        done |= torch.tensor([i in by_strings for i in range(batch)], device=self.device)
+                    stopped += by_strings
+                done |= next_ids == eos_token_id
                 for i in stopped:
                     finished[i] = True
-                done = torch.tensor(finished, device=self.device)
-            if all(finished):
-                break
-            step_ids = next_ids.unsqueeze(1)
-            step_mask = torch.cat([step_mask, step_mask.new_ones(batch, 1)], dim=1)
-            step_pos = step_pos[:, -1:] + 1
-        return torch.cat(out, dim=1)
+                length += 1
+                if all(finished):
+                    break
+                step_ids = next_ids.unsqueeze(1)
+                step_pos = step_pos[:, -1:] + 1
+        finally:
+            self.release()
+        return out[:, : prompt_len + steps]
 
 
 def choose_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -251,7 +327,3 @@ def _by_pair(logits: list[torch.Tensor], index: torch.Tensor, identity: bool) ->
     """Stack distinct models' logits ``[N, V]`` into ``[N, P, V]`` in pair order (one copy)."""
     stacked = torch.stack(logits, dim=1)
     return stacked if identity else stacked.index_select(1, index)
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device

@@ -16,12 +16,16 @@ import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import Collator
+from lm_eval.models.utils_hf import clear_torch_cache
 from lm_eval.utils import simple_parse_args_string
+from accelerate import find_executable_batch_size
 from tqdm import tqdm
 
 import dlf_plugin
 from dlf_plugin import loading
-from dlf_plugin.engine import FusionEngine, Pair, Sampling
+from dlf_plugin.backends import LocalModel
+from dlf_plugin.engine import DEFAULT_FUSION_MEMORY, FusionEngine, Pair, Sampling
+from dlf_plugin.fusion import FusionInputs, dlf_loss
 from dlf_plugin.registry import DTYPES, RegistryError, load_registry
 from dlf_plugin.solvers.base import make_solver
 from dlf_plugin.trace import TraceWriter
@@ -30,10 +34,12 @@ logger = logging.getLogger(__name__)
 
 # model_args that dlf itself reads (everything else goes to the solver) and HFLM's
 # that dlf passes through.
-DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route")
+DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "fusion_memory")
 ROUTES = ("none", "task")
 PASSED_TO_HFLM = ("batch_size", "max_batch_size", "max_length", "add_bos_token", "prefix_token_id", "truncation", "logits_cache")
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k")
+# lm-eval's Collator repeats a logits tensor for requests sharing a row; dlf passes none.
+NO_LOGITS = torch.empty(1, 1, 0)
 
 
 class DLFLM(HFLM):
@@ -51,6 +57,8 @@ class DLFLM(HFLM):
         trace: path of a JSONL file receiving the per-token weights of every generation.
         placement: overrides every model's registry placement: a device (``cuda:1``,
             ``cpu``) or ``auto`` (``device_map=auto``).
+        fusion_memory: MiB that scoring spends on fused positions at once (default 1024);
+            positions are fused in chunks that fit, whatever the batch and its length.
         device: from ``--device``: the device of models the registry places nowhere.
         **kwargs: HFLM batching options (batch_size, max_length, ...) and the solver's options.
     """
@@ -64,6 +72,7 @@ class DLFLM(HFLM):
         trace: str | None = None,
         placement: str | None = None,
         route: str | None = "none",
+        fusion_memory: int | str = DEFAULT_FUSION_MEMORY // 1024**2,
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -80,6 +89,7 @@ class DLFLM(HFLM):
         self._solver_args = (str(solver), kwargs)
         if dtype is not None and dtype not in DTYPES:
             raise RegistryError(f"model_args dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+        memory = _positive_int("fusion_memory", fusion_memory) * 1024**2
 
         specs = self.registry.models_for(pair_specs)
         loading.check_sources(specs, self.registry.path)
@@ -94,14 +104,21 @@ class DLFLM(HFLM):
         tokenizer = tokenizers[self.registry.large]
         super().__init__(pretrained=loaded[self.registry.large].model, tokenizer=tokenizer, **hflm_args)
         vocab = min([len(tokenizer)] + [loading.output_vocab_size(m.model) for m in loaded.values()])
+        large_device = next(loaded[self.registry.large].model.parameters()).device
+        backends = {name: LocalModel(name, m.model, vocab, large_device) for name, m in loaded.items()}
+        probe = torch.tensor([tokenizer.encode("dlf checks each output layer")[:8]])
+        for backend in backends.values():
+            backend.check_head(probe)
+        self.contexts = {name: b.context_length(tokenizers[name]) for name, b in backends.items()}
         self.pair_specs = pair_specs
         self.engine = FusionEngine(
-            models={name: m.model for name, m in loaded.items()},
+            models=backends,
             large=self.registry.large,
             pairs=[Pair(p.name, p.expert, p.base) for p in pair_specs],
             vocab_size=vocab,
             solver=solver_obj,
             plugin=plugin,
+            fusion_memory=memory,
         )
         self._chosen = tuple(p.name for p in pair_specs)
         self._engines = {self._chosen: self.engine}
@@ -121,6 +138,17 @@ class DLFLM(HFLM):
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
         _reject_device(arg_dict)
         return super().create_from_arg_obj(arg_dict, additional_config)
+
+    # -- context ------------------------------------------------------------------------
+
+    @property
+    def max_length(self) -> int:
+        """The usable context: model_args ``max_length`` if given, else the shortest of every
+        fused model's own (config, else tokenizer): every model sees every token."""
+        if self._max_length:
+            return self._max_length
+        known = [n for n in self.contexts.values() if n]
+        return min(known) if known else self._DEFAULT_MAX_LENGTH
 
     # -- prompt format ----------------------------------------------------------------------
 
@@ -196,15 +224,45 @@ class DLFLM(HFLM):
                 vocab_size=every.vocab_size,
                 solver=solver_obj,
                 plugin=plugin,
+                fusion_memory=every.fusion_memory,
             )
         return self._engines[names]
 
     # -- scoring --------------------------------------------------------------------------
 
-    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        """Fused logits at every position, ``[B, T, V]`` (used by batch-size detection)."""
-        positions = torch.ones_like(inps, dtype=torch.bool)
-        return self.engine.score(inps, positions).logits.view(*inps.shape, -1)
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        raise NotImplementedError("dlf scores through its fusion engine, never through the large model alone")
+
+    def _detect_batch_size(self, requests=None, pos: int = 0) -> int:
+        """``--batch_size auto``: the largest batch whose real work fits, found by trying it.
+
+        Scoring tries the longest request's shape with its continuation fused (chunked, as
+        every batch is); generation tries a prefill of ``max_length`` tokens and its first
+        fused step. Halves on out-of-memory, as lm-eval's own detection does.
+        """
+        if requests:
+            _, context, continuation = requests[pos]
+            width = len((context + continuation)[-(self.max_length + 1) :][:-1])
+            fused = min(len(continuation), width)
+        else:
+            width, fused = self.max_length, 1
+
+        @find_executable_batch_size(starting_batch_size=self.max_batch_size)
+        def attempt(batch_size: int) -> int:
+            ids = torch.full((batch_size, width), self.prefix_token_id, dtype=torch.long)
+            positions = torch.zeros((batch_size, width), dtype=torch.bool)
+            positions[:, width - fused :] = True
+            self.engine.score(ids, positions, torch.zeros(batch_size * fused, 1, dtype=torch.long))
+            return batch_size
+
+        try:
+            batch_size = attempt()
+        except RuntimeError as exc:
+            if "No executable batch size found" not in str(exc):
+                raise
+            batch_size = 1
+        clear_torch_cache()
+        return batch_size
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """Score (context, continuation) token pairs, fusing at continuation positions only."""
@@ -227,35 +285,41 @@ class DLFLM(HFLM):
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests (dlf)")
         results = []
         for chunk in re_ord.get_batched(n=batch_size, batch_fn=batch_fn):
-            rows, spans = [], []
+            rows, spans, targets = [], [], []
             for _, context_enc, continuation_enc in chunk:
                 if not context_enc or not continuation_enc or len(continuation_enc) > self.max_length:
                     raise ValueError("dlf: every request needs a context and a continuation no longer than max_length")
                 row = (context_enc + continuation_enc)[-(self.max_length + 1) :][:-1]
                 rows.append(row)
                 spans.append((len(row) - len(continuation_enc), len(row)))
+            # With logits_cache, requests sharing a context and differing only in a one-token
+            # continuation share a row: each position is asked for every such token.
+            # Their continuations end at the same token position: align each to the span's end.
+            groups = [list(re_ord.get_cache(req_str=r, cxt_toks=c, cont_toks=x, logits=NO_LOGITS)) for r, c, x in chunk]
+            for group, (start, end) in zip(groups, spans):
+                for i in range(end - start):
+                    skip = [end - start - len(toks) for _, toks, _ in group]
+                    targets.append([toks[i - k] if i >= k else -1 for (_, toks, _), k in zip(group, skip)])
             width = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
             positions = torch.zeros((len(rows), width), dtype=torch.bool)
             for i, (row, (start, end)) in enumerate(zip(rows, spans)):
                 input_ids[i, : len(row)] = torch.tensor(row)
                 positions[i, start:end] = True
-            fused = self.engine.score(input_ids, positions)
-            log_probs = F.log_softmax(fused.logits, dim=-1)
+            most = max(len(t) for t in targets)
+            target_ids = torch.tensor([t + [-1] * (most - len(t)) for t in targets], dtype=torch.long)
+            scores = self.engine.score(input_ids, positions, target_ids, losses=self.tracer is not None)
             if self.tracer is not None:
-                self._trace_scores(chunk, fused)
+                self._trace_scores(chunk, scores)
+            logprobs, greedy = scores.logprobs.cpu(), scores.greedy.cpu()
             offset = 0
-            for (request_str, ctx_tokens, cont_toks), (start, end) in zip(chunk, spans):
-                row_logits = log_probs[offset : offset + end - start].unsqueeze(0)  # [1, cont, V]
+            for group, (_, _, continuation), (start, end) in zip(groups, chunk, spans):
+                span = slice(offset, offset + end - start)
                 offset += end - start
-                greedy = row_logits.argmax(-1)
-                for request_str, cont_toks, logits in re_ord.get_cache(
-                    req_str=request_str, cxt_toks=ctx_tokens, cont_toks=cont_toks, logits=row_logits
-                ):
-                    cont = torch.tensor(cont_toks, dtype=torch.long, device=logits.device).unsqueeze(0)
-                    is_greedy = bool((greedy[:, -cont.shape[1] :] == cont).all())
-                    logprob = float(torch.gather(logits, 2, cont.unsqueeze(-1)).sum())
-                    answer = (logprob, is_greedy)
+                for j, (request_str, cont_toks, _) in enumerate(group):
+                    tail = slice(span.stop - len(cont_toks), span.stop)
+                    is_greedy = greedy[tail].tolist() == list(cont_toks)
+                    answer = (float(logprobs[tail, j].double().sum()), is_greedy)
                     results.append(answer)
                     if request_str is not None:
                         self.cache_hook.add_partial("loglikelihood", request_str, answer)
@@ -263,7 +327,7 @@ class DLFLM(HFLM):
         pbar.close()
         return re_ord.get_original(results)
 
-    def _trace_scores(self, chunk, fused) -> None:
+    def _trace_scores(self, chunk, scores) -> None:
         ids = self.tracer.new_requests(len(chunk))
         requests, positions, tokens, prompts = [], [], [], []
         for request, (strings, _, continuation) in zip(ids, chunk):
@@ -271,7 +335,7 @@ class DLFLM(HFLM):
             positions += list(range(len(continuation)))
             tokens += list(continuation)
             prompts += [strings[0] if strings else None] + [None] * (len(continuation) - 1)
-        self.tracer.write("score", list(range(len(tokens))), requests, positions, tokens, fused, prompts)
+        self.tracer.write("score", requests, positions, tokens, scores.weights, scores.losses, scores.pairs, prompts)
 
     # -- generation -----------------------------------------------------------------------
 
@@ -296,10 +360,18 @@ class DLFLM(HFLM):
             prompts = [self.tok_decode(row[mask.bool()].tolist()) for row, mask in zip(context, attention_mask)]
 
             def observe(fused, running, next_ids):
-                rows = running.nonzero().flatten().tolist()
+                # Tracing reads more than the step's one transfer: it is for inspection, not speed.
+                rows = running.nonzero().flatten()
                 tokens = next_ids.tolist()
+                weights = fused.weights.index_select(0, rows)
+                losses = None
+                if fused.pairs:
+                    inputs = fused.inputs
+                    picked = FusionInputs(*(t.index_select(0, rows) for t in (inputs.base_logits, inputs.small_logits, inputs.expert_logits, inputs.row_mask)))
+                    losses = dlf_loss(picked, weights)
+                rows = rows.tolist()
                 first = [prompts[r] for r in rows] if step[0] == 0 else None
-                self.tracer.write("generate", rows, [ids[r] for r in rows], [step[0]] * len(rows), [tokens[r] for r in rows], fused, first)
+                self.tracer.write("generate", [ids[r] for r in rows], [step[0]] * len(rows), [tokens[r] for r in rows], weights, losses, fused.pairs, first)
                 step[0] += 1
 
             self.engine.observer = observe
@@ -375,6 +447,16 @@ def _sampling(kwargs: dict) -> Sampling:
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"gen_kwargs top_p={top_p} must be in (0, 1]")
     return Sampling(do_sample=do_sample, temperature=temperature if do_sample else 1.0, top_p=top_p, top_k=top_k)
+
+
+def _positive_int(key: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number <= 0 or str(number) != str(value).strip():
+        raise RegistryError(f"model_args {key}={value!r} must be a positive whole number")
+    return number
 
 
 def _version(package: str) -> str | None:

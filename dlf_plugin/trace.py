@@ -18,10 +18,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from dlf_plugin.fusion import FusionInputs, dlf_loss
-
 
 class TraceWriter:
     """Appends trace lines to ``path`` (truncated when the model is built)."""
@@ -38,15 +34,12 @@ class TraceWriter:
         self.requests += count
         return ids
 
-    def write(self, kind, rows, requests, positions, tokens, fused, prompts=None) -> None:
-        """One line for each of ``rows`` of ``fused`` (an engine ``Fused``); ``prompts``, if given,
-        adds each row's prompt text (dlf gives it on a request's first line)."""
-        index = torch.tensor(rows, dtype=torch.long, device=fused.weights.device)
-        inputs = FusionInputs(*(t.index_select(0, index) for t in (
-            fused.inputs.base_logits, fused.inputs.small_logits, fused.inputs.expert_logits, fused.inputs.row_mask)))
-        weights = fused.weights.index_select(0, index)
-        losses = dlf_loss(inputs, weights).tolist() if fused.pairs else [0.0] * len(rows)
+    def write(self, kind, requests, positions, tokens, weights, losses, pairs, prompts=None) -> None:
+        """One line per fused position: ``weights [n, P]`` and ``losses [n]`` (None: no pairs,
+        loss 0) tensors; ``prompts``, if given, adds each row's prompt text (dlf gives it on a
+        request's first line)."""
         weights = weights.tolist()
+        losses = losses.tolist() if losses is not None else [0.0] * len(weights)
         with self.path.open("a") as handle:
             for row, (request, position, token) in enumerate(zip(requests, positions, tokens)):
                 record = {
@@ -55,7 +48,7 @@ class TraceWriter:
                     "position": position,
                     "token": token,
                     "text": self.decode([token]),
-                    "weights": dict(zip(fused.pairs, weights[row])),
+                    "weights": dict(zip(pairs, weights[row])),
                     "loss": losses[row],
                 }
                 if prompts is not None and prompts[row] is not None:

@@ -169,10 +169,11 @@ def test_cached_decoding_equals_recomputation(dlf_two_pairs):
             prefix = out[row, pad : context.shape[1] + step].unsqueeze(0)
             positions = torch.zeros_like(prefix, dtype=torch.bool)
             positions[0, -1] = True
-            fresh = lm.engine.score(prefix, positions).logits[0]
+            every_token = torch.arange(lm.engine.vocab_size).unsqueeze(0)
+            fresh = lm.engine.score(prefix, positions, every_token).logprobs[0]
             if int(out[row, context.shape[1] + step - 1]) == lm.eot_token_id and step > 0:
                 break
-            assert torch.allclose(cached[row], fresh, atol=1e-4), (row, step)
+            assert torch.allclose(cached[row].log_softmax(-1), fresh, atol=1e-4), (row, step)
 
 
 def test_padded_vocabulary_rows_never_win(tiny_world, dlf_two_pairs):
@@ -226,7 +227,7 @@ def test_shared_small_base_runs_once_per_step(tiny_world):
     assert lm.engine.forward_order == ["large", "small-a", "small-b", "expert-a1", "expert-a2", "expert-b"]
     calls = dict.fromkeys(lm.engine.models, 0)
     handles = [
-        m.register_forward_pre_hook(lambda module, args, name=name: calls.__setitem__(name, calls[name] + 1))
+        m.model.base_model.register_forward_pre_hook(lambda module, args, name=name: calls.__setitem__(name, calls[name] + 1))
         for name, m in lm.engine.models.items()
     ]
     try:

@@ -54,7 +54,7 @@ def test_trace_loss_is_the_objective_at_the_traced_weights(tiny_world, tmp_path)
     assert [r["token"] for r in records] == cont
     assert all(r["weights"] == {"a1": pytest.approx(0.7), "b": pytest.approx(0.7)} for r in records)
     # Independent recomputation of the loss at the last position, from fresh model calls.
-    models = {n: lm.engine.models[n] for n in lm.engine.forward_order}
+    models = {n: lm.engine.models[n].model for n in lm.engine.forward_order}
     tokens = torch.tensor([ctx + cont[:-1]])
     with torch.no_grad():
         last = {n: m(tokens).logits[0, -1, : lm.engine.vocab_size].double() for n, m in models.items()}

@@ -60,8 +60,15 @@ class Solver(abc.ABC):
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
         """Return the weights ``[N, P]`` for ``inputs`` (shapes in the module docstring).
 
-        Must not modify ``inputs``.
+        Must not modify ``inputs``. Should not synchronise with the device (no ``.item()``,
+        ``.tolist()``, ``bool(tensor)`` or data-dependent shapes): a decoding step makes one
+        device-to-host transfer and a solver that makes more stalls it
+        (``dlf_plugin.syncs.count_syncs`` counts them).
         """
+
+    def release(self) -> None:
+        """Free buffers kept between the calls of one scoring or generation run (dlf calls
+        this when the run ends); the default keeps none."""
 
 
 def number_option(solver: str, option: str, value: Any, low: float = -math.inf, high: float = math.inf) -> float:
@@ -115,9 +122,17 @@ def make_solver(
         raise SolverError(f"solver {name!r} (plugin {plugin!r}) failed to start: {exc!r}") from exc
 
 
-def checked_solve(solver: Solver, plugin: str, inputs: FusionInputs) -> torch.Tensor:
-    """Run ``solver`` and verify its answer: shape, finiteness and bounds. No fallback."""
-    where = f"solver {solver.name!r} (plugin {plugin!r})"
+def checked_solve(solver: Solver, plugin: str, inputs: FusionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``solver`` and check its answer without a device sync.
+
+    The shape is checked at once; finiteness and bounds are counted on the device (rows
+    outside ``row_mask`` excepted): the engine reads the count with its step's one transfer
+    and calls :func:`explain_bad_weights` when it is not 0. No fallback.
+
+    Returns:
+        The weights ``[N, P]`` and the count of bad weights (a 0-dim long tensor).
+    """
+    where = _where(solver, plugin)
     try:
         weights = solver.solve(inputs)
     except Exception as exc:
@@ -126,13 +141,26 @@ def checked_solve(solver: Solver, plugin: str, inputs: FusionInputs) -> torch.Te
     if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (rows, pairs):
         shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
         raise SolverError(f"{where} returned {shape}; expected a tensor of shape ({rows}, {pairs})")
+    return weights, _bad_weights(solver, inputs, weights).sum()
+
+
+def explain_bad_weights(solver: Solver, plugin: str, inputs: FusionInputs, weights: torch.Tensor) -> None:
+    """Raise the SolverError for weights :func:`checked_solve` counted as bad."""
+    bad = _bad_weights(solver, inputs, weights)
     low, high = solver.bounds
-    active = weights[inputs.row_mask]
-    bad = ~torch.isfinite(active) | (active < low) | (active > high)
-    if bool(bad.any()):
-        sample = active[bad][:3].tolist()
-        raise SolverError(
-            f"{where} returned {int(bad.sum())} weight(s) that are NaN, infinite or outside "
-            f"its bounds [{low}, {high}], e.g. {sample}"
-        )
-    return weights
+    sample = weights[bad][:3].tolist()
+    raise SolverError(
+        f"{_where(solver, plugin)} returned {int(bad.sum())} weight(s) that are NaN, infinite or outside "
+        f"its bounds [{low}, {high}], e.g. {sample}"
+    )
+
+
+def _bad_weights(solver: Solver, inputs: FusionInputs, weights: torch.Tensor) -> torch.Tensor:
+    """``[N, P]`` bool: weights of masked-in rows that are NaN, infinite or out of bounds."""
+    low, high = solver.bounds
+    bad = ~torch.isfinite(weights) | (weights < low) | (weights > high)
+    return bad & inputs.row_mask.unsqueeze(-1)
+
+
+def _where(solver: Solver, plugin: str) -> str:
+    return f"solver {solver.name!r} (plugin {plugin!r})"

@@ -45,6 +45,16 @@ class Workspace:
             self._buffers[name] = buffer
         return buffer
 
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+class _WorkspaceSolver(Solver):
+    """A solver that keeps a Workspace between the calls of one run, freed by ``release``."""
+
+    def release(self) -> None:
+        self.workspace.clear()
+
 
 class _Problem:
     """The per-row quantities every DLF solver needs, computed once: ``[N, ...]`` tensors."""
@@ -140,7 +150,7 @@ def _one_hot_weights(t: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(t).scatter(-1, best, t.gather(-1, best))
 
 
-class GridSolver(Solver):
+class GridSolver(_WorkspaceSolver):
     """``dlf-grid``: the paper as written.
 
     At every position, alpha = t e_k for t in {0, step, ..., alpha_max} and every pair
@@ -186,7 +196,7 @@ class GridSolver(Solver):
         return weights.scatter(-1, best_k.unsqueeze(-1), best_t.unsqueeze(-1))
 
 
-class ExactSolver(Solver):
+class ExactSolver(_WorkspaceSolver):
     """``dlf`` (the default): the grid's objective, solved continuously.
 
     Along one pair's direction the fused distribution is an exponential tilt of P, so
@@ -467,7 +477,7 @@ class _Search:
         return self._record(torch.where(pending, t, float("nan")), *values.unbind(-1))[3]
 
 
-class JointSolver(Solver):
+class JointSolver(_WorkspaceSolver):
     """``dlf-joint``: all pairs' weights at once, box-constrained, on the centroid loss.
 
     With s = z_L + sum_k alpha_k d_k, m = logsumexp(s) - logsumexp(z_L):

@@ -1,0 +1,160 @@
+"""One model behind the small interface the engine calls: hidden states, then float32 logits.
+
+The engine never asks a model for its logits directly. It asks for the last hidden states
+of the positions it fuses (``hidden``), and turns chosen rows of them into logits over the
+common vocabulary, in float32, when it needs them (``logits``). Two things follow
+(DESIGN.md section 5):
+
+- precision: a bf16 or fp16 model's output layer runs with float32 output, so its logits
+  are not rounded to 8 (or 11) bits of mantissa before the solver's KL targets, which are
+  small differences of them, are formed;
+- memory: scoring keeps ``[positions, H]`` hidden states, not ``[positions, V]`` logits, and
+  the engine makes logits a chunk of rows at a time.
+
+The float32 head costs one ``[rows, H] x [H, V]`` product per model per step, as the
+model's own head does. Where the device has a half-precision matmul with float32 output
+(``torch.mm(..., out_dtype=float32)``, CUDA) nothing else is needed; elsewhere the
+backend keeps a float32 copy of the output layer's ``V x H`` weights (Llama-2-13B:
+0.66 GB beside 26 GB of bf16 weights; Qwen2.5-7B: 2.2 GB beside 15 GB).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import transformers
+
+logger = logging.getLogger(__name__)
+
+
+class ModelFault(RuntimeError):
+    """A model gave logits dlf cannot fuse (NaN or infinity, or a head it cannot split); the
+    message names the model."""
+
+# Config attributes that carry a context length, checked in this order (lm-eval's too).
+CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
+# A tokenizer's model_max_length at or above this means "not set" (transformers' 1e30).
+TOKENIZER_UNSET = 10**18
+
+
+class LocalModel:
+    """A transformers causal LM: its body gives hidden states, its output layer float32 logits.
+
+    Args:
+        name: the model's registry name (used in every error).
+        model: the loaded model.
+        vocab_size: the common vocabulary V; output rows past it are never computed.
+        device: where logits are returned (the large model's device).
+    """
+
+    def __init__(self, name: str, model: transformers.PreTrainedModel, vocab_size: int, device: torch.device) -> None:
+        self.name = name
+        self.model = model
+        self.vocab_size = vocab_size
+        self.device = device
+        self.model_device = next(model.parameters()).device
+        params = inspect.signature(model.forward).parameters
+        # transformers renamed past_key_values to cache (the old name goes in 5.40).
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keeps = "logits_to_keep" in params
+        self.body = model.base_model if model.base_model is not model else None
+        head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.own_head = self.body is None or not isinstance(head, torch.nn.Linear)
+        if not self.own_head:
+            self.weight = head.weight[:vocab_size]  # [V, H], a view
+            self.bias = None if head.bias is None else head.bias[:vocab_size].float()
+            self._mode = "float32" if self.weight.dtype == torch.float32 else _half_head_mode(self.weight)
+            if self._mode == "copy":
+                self.weight = self.weight.float()
+        else:
+            self._mode = "own"
+            logger.warning(
+                "dlf: model %s has no plain linear output layer under its body; its logits come from its "
+                "own forward in %s and are upcast afterwards", name, next(model.parameters()).dtype,
+            )
+
+    @property
+    def head_mode(self) -> str:
+        """How float32 logits are made: ``float32`` (a float32 model), ``out_dtype`` (a
+        half-precision matmul with float32 output), ``copy`` (a float32 copy of the output
+        layer) or ``own`` (the model's own head, upcast: architectures dlf cannot split)."""
+        return self._mode
+
+    def context_length(self, tokenizer=None) -> int | None:
+        """The longest context the model was trained for: its config, else its tokenizer."""
+        configs = [getattr(self.model.config, "text_config", None), self.model.config]
+        for config in configs:
+            for attr in CONTEXT_ATTRS:
+                value = getattr(config, attr, None) if config is not None else None
+                if isinstance(value, int) and value > 0:
+                    return value
+        limit = getattr(tokenizer, "model_max_length", None)
+        return limit if isinstance(limit, int) and 0 < limit < TOKENIZER_UNSET else None
+
+    def new_cache(self):
+        return transformers.DynamicCache()
+
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
+        """Last hidden states ``[B, T, H]`` (``[B, T, V]`` logits for an ``own`` head)."""
+        kwargs = {"use_cache": cache is not None}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask.to(self.model_device)
+            kwargs["position_ids"] = position_ids.to(self.model_device)
+        if cache is not None:
+            kwargs[self.cache_arg] = cache
+        ids = input_ids.to(self.model_device)
+        if self.own_head:
+            if self._keeps:
+                kwargs["logits_to_keep"] = 0
+            return self.model(ids, **kwargs).logits[..., : self.vocab_size]
+        return self.body(ids, **kwargs).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``[M, V]`` on the fusion device from hidden states ``[M, H]``."""
+        if self._mode == "own":
+            out = hidden.float()
+        elif self._mode == "out_dtype":
+            out = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
+        else:
+            out = hidden.float() @ self.weight.t()
+        if self.bias is not None:
+            out = out + self.bias
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out.to(self.device)
+
+    def check_head(self, probe: torch.Tensor) -> None:
+        """Compare ``logits(hidden(probe))`` with the model's own forward on a few tokens.
+
+        Raises:
+            ModelFault: the split head differs beyond the rounding of the model's dtype
+                (an architecture whose head is more than a linear layer), naming the model.
+        """
+        if self.own_head:
+            return
+        with torch.no_grad():
+            ours = self.logits(self.hidden(probe)[0])
+            theirs = self.model(probe.to(self.model_device), use_cache=False).logits[0, :, : self.vocab_size].float().to(self.device)
+        # A half-precision head rounds each logit to its dtype's spacing; allow that and a little more.
+        eps = torch.finfo(self.weight.dtype if self._mode != "copy" else next(self.model.parameters()).dtype).eps
+        tolerance = 4 * eps * theirs.abs().amax().item() + 1e-4
+        error = (ours - theirs).abs().amax().item()
+        if not error <= tolerance:
+            raise ModelFault(
+                f"model {self.name}: logits from its last hidden state through its output layer differ from "
+                f"its own forward by {error:.3g} (tolerance {tolerance:.3g}); dlf cannot split this architecture's "
+                "head, please report it"
+            )
+
+
+def _half_head_mode(weight: torch.Tensor) -> str:
+    """``out_dtype`` where this device multiplies half-precision matrices into float32, else ``copy``."""
+    probe = torch.zeros(2, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    try:
+        torch.mm(probe, weight[:2].t(), out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return "copy"
+    return "out_dtype"
