@@ -14,6 +14,9 @@ Everything is batched over rows (and pairs): no Python loop over rows or vocabul
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 
 from dlf_plugin.fusion import FusionInputs, TiltStats, kl_targets, logit_deltas, softmax_lse, tilt_kls, tilt_stats, tilt_values
@@ -125,24 +128,10 @@ class _Problem:
         base, centred, lse = self._directions(rows, pairs)
         return tilt_values(base, centred, t, lse, out=base)
 
-    def stats_along_pairs(self, t: torch.Tensor, active: torch.Tensor | None = None) -> TiltStats:
-        """f, g and derivatives along every pair's direction at ``t [N, P]``.
+    def stats_along_pairs(self, t: torch.Tensor) -> TiltStats:
+        """f, g and derivatives along every pair's direction at ``t [N, P]``, one pass."""
+        return tilt_stats(self.base.unsqueeze(1), self.centred, t, self.base_lse.unsqueeze(1), self.scratch())
 
-        With ``active [N, P]``, only those directions are computed when they are few (the
-        others come back NaN): late iterations touch a handful of directions.
-        """
-        full = active is None or bool(active.all())
-        if full or 2 * int(active.sum()) > active.numel():
-            stats = tilt_stats(self.base.unsqueeze(1), self.centred, t, self.base_lse.unsqueeze(1), self.scratch())
-            if full:
-                return stats
-            nan = torch.tensor(float("nan"), dtype=t.dtype, device=t.device)
-            return TiltStats(*(torch.where(active, x, nan) for x in stats))
-        rows, pairs = active.nonzero(as_tuple=True)
-        part = torch.stack(self.stats_at(rows, pairs, t[rows, pairs]), dim=-1)  # [R, fields]
-        values = t.new_full((*t.shape, part.shape[-1]), float("nan"))
-        values[rows, pairs] = part
-        return TiltStats(*values.unbind(-1))
 
 def _one_hot_weights(t: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     """Keep, per row, the pair with the lowest loss (first on ties) at its weight; others 0."""
@@ -208,20 +197,34 @@ class ExactSolver(_WorkspaceSolver):
     better: those the evaluated points cannot rule out are evaluated. Per row the pair
     with the lowest loss acts, as in ``dlf-grid``, whose loss it never exceeds.
 
+    Two schedules (option ``schedule``). ``adaptive`` stops each loop on values read
+    from the device: Halley until no direction moves, certification until every grid
+    point is ruled out, so the loss is never above ``dlf-grid``'s. ``fixed`` runs a fixed
+    number of rounds of fixed shapes and never syncs (a GPU step can be queued ahead,
+    captured or compiled); where its Halley rounds converge and its certification rounds
+    rule every grid point out, the same guarantees hold. ``uncertified_rows`` marks, on
+    the device, the rows where they did not (``uncertified`` counts them over calls). ``auto`` (default): adaptive on a CPU,
+    where reading a value back costs nothing, fixed elsewhere.
+
     Options: alpha_min (default 0), alpha_max (default 2.0), tol (default 1e-7),
-    max_iter (default 30).
+    max_iter (Halley rounds; default 30 adaptive, 3 fixed), schedule (default auto).
     """
 
     name = "dlf"
 
-    def __init__(self, pair_names, *, alpha_min=0.0, alpha_max=2.0, tol=1e-7, max_iter=30):
+    def __init__(self, pair_names, *, alpha_min=0.0, alpha_max=2.0, tol=1e-7, max_iter=None, schedule="auto"):
         super().__init__(pair_names)
         self.workspace = Workspace()
         self.alpha_min, self.alpha_max = _bounds(self.name, alpha_min, alpha_max)
         self.tol = number_option(self.name, "tol", tol, 1e-12, 1.0)
-        self.max_iter = int(number_option(self.name, "max_iter", max_iter, 1, 1000))
+        self.max_iter = None if max_iter is None else int(number_option(self.name, "max_iter", max_iter, 1, 1000))
+        if schedule not in SCHEDULES:
+            raise SolverOptionError(f"model_args schedule={schedule!r} (solver {self.name!r}) must be one of {', '.join(SCHEDULES)}")
+        self.schedule = schedule
         self.bounds = (self.alpha_min, self.alpha_max)
         self.passes = 0  # softmax evaluations over the full vocabulary, per row
+        self.uncertified = 0  # rows left uncertified by the fixed schedule (a device tensor once solving)
+        self.uncertified_rows = None  # [N] bool, the last solve's
 
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
         problem = _Problem(inputs, self.workspace)
@@ -267,40 +270,67 @@ class ExactSolver(_WorkspaceSolver):
         best = F.mul_(F).addcmul_(G, G).nan_to_num_(nan=float("inf")).argmin(-1)
         return t[best]
 
+    def adaptive(self, device: torch.device) -> bool:
+        """Whether to stop early on values read from the device (``schedule``)."""
+        return self.schedule == "adaptive" or (self.schedule == "auto" and device.type == "cpu")
+
     def solve_pairs(self, problem: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best weight and reduced loss of each pair acting alone: ``([N, P], [N, P])``."""
-        search = _Search(problem, self.alpha_min, self.alpha_max, self.tol)
-        search.newton(self._start(problem, search.tf, search.tg), self.max_iter)
+        """Best weight and reduced loss of each pair acting alone: ``([N, P], [N, P])``.
+
+        Halley rounds over every direction, then rounds that each evaluate the grid points
+        the evaluated ones cannot rule out (lowest bound first) and polish, near the best
+        grid point, the directions where one did better. Adaptive: until nothing moves and
+        no point is open. Fixed: ``max_iter`` Halley rounds, ``CERTIFY_ROUNDS`` rounds of a
+        fixed number of points and directions, no device sync.
+        """
+        adaptive = self.adaptive(problem.base.device)
+        search = _Search(problem, self.alpha_min, self.alpha_max, self.tol, adaptive)
+        n, p = search.lo.shape
+        rounds = self.max_iter or (ADAPTIVE_ROUNDS if adaptive else FIXED_ROUNDS)
+        search.halley(self._start(problem, search.tf, search.tg), search.lo, search.hi, rounds)
         grid = self._grid(search.lo)
-        # The loss may have several local minima (peaked logits): make sure no point of the
-        # paper's grid beats the answer, evaluating those the evaluated points cannot rule out.
-        while True:
-            candidates, pending, complete = search.unresolved(grid, CERTIFY_PER_ROUND)
-            if not bool(pending.any()):
+        radius = 0.1  # the paper grid's spacing: a better grid point's basin lies within it
+        points = max(1, math.ceil(CERTIFY_POINTS * n * p))
+        directions = max(1, math.ceil(POLISH_DIRECTIONS * n * p))
+        for _ in itertools.count() if adaptive else range(CERTIFY_ROUNDS):
+            gain = search.certify(grid, points)
+            if gain is None:  # adaptive: every grid point ruled out
                 break
-            improved = search.evaluate_points(candidates, pending)
-            if bool(improved.any()):  # a better basin: polish its minimum
-                step = float(grid[1] - grid[0]) if len(grid) > 1 else 0.0
-                search.newton(search.best_t, self.max_iter, active=improved, radius=step)
-            elif complete:  # every open point evaluated, none better: all certified
-                break
+            search.polish(gain, directions, radius, rounds if adaptive else POLISH_ROUNDS)
+        if not adaptive:
+            # Rows where a direction still moved after its last round, or a grid point might
+            # still beat the answer: kept on the device, read by whoever asks.
+            doubtful = search.moving.view(n, p) | search.open_points(grid).any(-1)
+            self.uncertified_rows = doubtful.any(-1)
+            self.uncertified = self.uncertified + self.uncertified_rows.sum()
         self.passes += search.passes
         return search.best_t, search.best_loss
 
 
-# Grid points certified per round: a round is one pass over the directions that need it.
-CERTIFY_PER_ROUND = 4
+# Schedules (bench/solvers.py). Adaptive: at most this many Halley rounds per direction.
+# Fixed: Halley rounds; certification rounds, with the grid points evaluated and the
+# directions polished per round as fractions of the rows x pairs directions; Halley
+# rounds per polish.
+ADAPTIVE_ROUNDS = 30
+FIXED_ROUNDS = 3
+CERTIFY_ROUNDS = 2
+CERTIFY_POINTS = 0.5
+POLISH_DIRECTIONS = 0.125
+POLISH_ROUNDS = 1
+SCHEDULES = ("auto", "adaptive", "fixed")
 
 
 class _Search:
     """Minimises L(t) = (f(t) - a)^2 + (g(t) - b)^2 along every pair's direction at once.
 
     Keeps every evaluated (t, f, g): f and g increase with t, so they bound the loss
-    anywhere between evaluated points (``unresolved``).
+    anywhere between evaluated points (``_bounds``). Every shape is fixed in advance:
+    no step depends on a value read back from the device.
     """
 
-    def __init__(self, problem: _Problem, low: float, high: float, tol: float) -> None:
+    def __init__(self, problem: _Problem, low: float, high: float, tol: float, adaptive: bool) -> None:
         self.problem = problem
+        self.adaptive = adaptive
         self.tf, self.tg = problem.target_f.unsqueeze(-1), problem.target_g.unsqueeze(-1)  # [N, 1]
         # Steps below this are rounding noise of the dtype, not progress (float32: ~1e-4,
         # where the loss itself changes by ~L'' 1e-8, below its own rounding).
@@ -308,17 +338,21 @@ class _Search:
         # A pass's own rounding of f and g, which a settled step's remainder must stay below.
         self.rounding = problem.base_lse.abs().add(1).unsqueeze(-1).mul_(4 * torch.finfo(problem.base.dtype).eps)
         self.low, self.high = low, high
-        self.lo = torch.full_like(problem.base_mean, low)
-        self.hi = torch.full_like(problem.base_mean, high)
-        self.points = []  # (t, f, g, g') per evaluation, each [N, P, points]
-        self.passes = 0
+        n, p = problem.base_mean.shape
+        self.lo = problem.base_mean.new_full((n, p), low)
+        self.hi = problem.base_mean.new_full((n, p), high)
+        self.points: list[tuple[torch.Tensor, ...]] = []
+        self.passes = 0.0
         self.best_t = self.lo.clone()
         self.best_loss = torch.full_like(self.lo, float("inf"))
+        self.moving = torch.zeros(n * p, dtype=torch.bool, device=self.lo.device)  # not converged
         if low == 0.0:  # f = g = g' = 0 at t = 0, no pass needed
             zeros = torch.zeros_like(self.lo)
             self._record(self.lo, zeros, zeros, zeros)
         else:
-            self.evaluate(self.lo)
+            stats = problem.stats_along_pairs(self.lo)
+            self.passes += p
+            self._record(self.lo, stats.forward_kl, stats.reverse_kl, stats.d_reverse)
 
     def _record(self, t, f, g, dg):
         """Keep evaluated points, ``[N, P]`` or several per direction ``[N, P, M]`` (NaN where
@@ -336,98 +370,126 @@ class _Search:
         self.best_loss = torch.where(improved, loss, self.best_loss)
         return F, G, loss, improved
 
-    def evaluate(self, t, active=None):
-        """One pass: loss, h = dL/dt / 2, its derivatives h' and h'' (the latter approximate)
-        and whether the best improved, at ``t [N, P]`` (NaN for directions not ``active``)."""
-        share = 1.0 if active is None else float(active.float().mean())
-        self.passes += t.shape[1] * share  # passes over the vocabulary, per row
-        stats = self.problem.stats_along_pairs(t, active)
-        if active is not None:
-            t = torch.where(active, t, torch.full_like(t, float("nan")))
-        F, G, loss, improved = self._record(t, stats.forward_kl, stats.reverse_kl, stats.d_reverse)
+    def _scatter(self, pick: torch.Tensor, *values: torch.Tensor, per_direction: int = 0) -> list[torch.Tensor]:
+        """Values at flat indices ``pick`` (distinct) of ``[N, P]`` (or ``[N, P, per_direction]``),
+        NaN elsewhere."""
+        n, p = self.lo.shape
+        shape = (n, p, per_direction) if per_direction else (n, p)
+        return [v.new_full((math.prod(shape),), float("nan")).index_copy_(0, pick, v).view(shape) for v in values]
+
+    def halley(self, t, left, right, rounds: int, pick: torch.Tensor | None = None) -> None:
+        """Safeguarded Halley (or Newton) steps on L' from ``t`` within [left, right] (all
+        ``[N, P]``), for every direction (``pick`` None) or the flat directions ``pick``.
+
+        The bracket holds the minimiser: h < 0 left of it, h >= 0 right of it. alpha_max is
+        not evaluated up front: a step past it lands on it, and h there tells the rest. A
+        step small enough is recorded from a Taylor expansion instead of a pass
+        (``_settle``); a direction stops moving then, or when its step falls below ``tol``.
+        Fixed schedule: ``rounds`` rounds over the chosen directions. Adaptive: after the
+        first round, only the directions still moving, until none does.
+        """
+        n, p = self.lo.shape
+        first = pick
+        moving = torch.zeros(n * p, dtype=torch.bool, device=t.device)
+        moving[slice(None) if pick is None else pick] = True
+        state = [x.reshape(-1).clone() for x in (t, left, right)] + [moving, torch.zeros_like(moving)]
+        for round_ in range(rounds):
+            if self.adaptive and round_ > 0:
+                count = int(state[3].sum())
+                if count == 0:
+                    break
+                pick = None if 2 * count > n * p else state[3].nonzero().flatten()
+            if pick is None:
+                self.passes += p
+                values = [x.view(n, p) for x in state]
+                stats = self.problem.stats_along_pairs(values[0])
+                constants = (self.tf, self.tg, self.problem.base_cumulants[2], self.rounding)
+                record = self._record
+            else:
+                self.passes += len(pick) / n
+                values = [x[pick] for x in state]
+                rows, pairs = pick // p, pick % p
+                stats = self.problem.stats_at(rows, pairs, values[0])
+                constants = (self.tf.view(-1)[rows], self.tg.view(-1)[rows], self.problem.base_cumulants[2].reshape(-1)[pick], self.rounding.view(-1)[rows])
+
+                def record(*x, pick=pick):
+                    return self._record(*self._scatter(pick, *x))
+
+            values = self._step(*values, stats, *constants, record)
+            for full, new in zip(state, values):
+                if pick is None:
+                    full.copy_(new.reshape(-1))
+                else:
+                    full[pick] = new
+        # Directions this run left moving (a later run over them may settle them).
+        ran = torch.zeros_like(self.moving)
+        ran[slice(None) if first is None else first] = True
+        self.moving = torch.where(ran, state[3], self.moving)
+
+    def _step(self, t, left, right, moving, top_seen, stats, tf, tg, k4, rounding, record):
+        """One Halley round from the pass ``stats`` at ``t``; returns the new
+        (t, left, right, moving, top_seen)."""
+        record(t, stats.forward_kl, stats.reverse_kl, stats.d_reverse)
+        F, G = stats.forward_kl - tf, stats.reverse_kl - tg
         df, dg = stats.d_forward, stats.d_reverse
         h = torch.addcmul(F * df, G, dg)
         ddf, ddg = stats.dd_forward, stats.dd_reverse
         dh = (df * df).addcmul_(dg, dg).addcmul_(F, ddf).addcmul_(G, ddg)
         # f''' = 2 K3_t + t K4_t, with K4 under P for K4_t: a fourth moment in every pass would
         # cost more than the rounds Halley's step saves with this estimate (bench/solvers.py).
-        dddf = torch.addcmul(2 * stats.ddd_reverse, t, self.problem.base_cumulants[2])
+        dddf = torch.addcmul(2 * stats.ddd_reverse, t, k4)
         ddh = (df * ddf).addcmul_(dg, ddg).mul_(3).addcmul_(F, dddf).addcmul_(G, stats.ddd_reverse)
-        return loss, h, dh, ddh, improved, (stats, dddf)
+        falling = h < 0
+        left = torch.where(falling, t, left)
+        right = torch.where(falling, right, t)
+        # Halley's method in s = t^2, where f and g are nearly linear (both ~ s Var_P[d] / 2).
+        # With phi = dL/ds = h / t and c = t h' - h: phi' = c / (2 t^3) and
+        # phi'' = (t^2 h'' - 3 c) / (4 t^5). Newton's step is -phi / phi' = -2 t^2 h / c;
+        # Halley's divides it by 1 - phi phi'' / (2 phi'^2) = 1 - h (t^2 h'' - 3 c) / (2 c^2).
+        # Where that divisor leaves [1/2, 4] (far from the root, or h'' lost to rounding): Newton.
+        curvature = torch.addcmul(-h, t, dh)
+        ratio = torch.div(h, curvature)
+        divisor = torch.addcmul(curvature, t * t, ddh, value=-1 / 3).mul_(ratio).div_(curvature).mul_(1.5).add_(1)
+        divisor = torch.where((divisor >= 0.5) & (divisor <= 4.0), divisor, 1.0)
+        newton = (t * t).mul_(ratio.div_(divisor).mul_(-2).add_(1)).clamp_min_(0.0).sqrt_()
+        top_seen = top_seen | (t == self.high)
+        # A step within rounding noise of the bracket counts as inside (then clamped).
+        inside = (curvature > 0) & (t > 0) & (newton >= left - self.tol) & (newton <= right + self.tol)
+        newton = torch.clamp(newton, left, right)
+        # Still falling, no Newton step within the bracket: try alpha_max itself first.
+        to_top = falling & ~(inside | top_seen) & (right == self.high)
+        target = torch.where(inside, newton, torch.where(to_top, self.high, (left + right).mul_(0.5)))
+        target = torch.where(moving, target, t)
+        moving = moving & ((target - t).abs() > self.tol)
+        moving = moving & ~self._settle(t, target - t, stats, dddf, moving & inside, rounding, record)
+        return target, left, right, moving, top_seen
 
-    def settle(self, t, step, stats, dddf, candidates):
+    def _settle(self, t, step, stats, dddf, candidates, rounding, record) -> torch.Tensor:
         """Where a last step is so small that a Taylor expansion from ``t`` gives f, g and g' at
-        ``t + step`` as exactly as a pass would, record that point from the expansion instead
-        of evaluating it: returns the ``candidates`` that settled.
+        ``t + step`` as exactly as a pass would, record that point from the expansion;
+        returns where it did.
 
         f to second order, g' to second and g to third (g''' = K3 is exact); the remainder,
         estimated as (|f'''| + |K3|) |step|^3 / 6, must stay below the rounding of a pass,
         4 eps (1 + |logsumexp(z)|). In float32 that admits steps up to ~1e-2, which most
-        directions' first step is (the start is that close): their confirming pass is saved
-        (tests/test_solvers.py checks the values against float64). In float64, steps of ~1e-5 only.
+        directions' last step is (tests/test_solvers.py checks the values against float64).
+        In float64, steps of ~1e-5 only.
         """
         cube = step.abs().pow_(3).div_(6)
         remainder = torch.addcmul(dddf.abs(), stats.ddd_reverse, stats.ddd_reverse.sign()).mul_(cube)
-        chosen = candidates & (remainder <= self.rounding)
-        if not bool(chosen.any()):
-            return chosen
+        chosen = candidates & (remainder <= rounding)
         half_sq = step * step / 2
         f = stats.forward_kl + stats.d_forward * step + stats.dd_forward * half_sq
         dg = stats.d_reverse + stats.dd_reverse * step + stats.ddd_reverse * half_sq
         g = stats.reverse_kl + stats.d_reverse * step + stats.dd_reverse * half_sq + stats.ddd_reverse * half_sq * step / 3
         nan = torch.full_like(t, float("nan"))
-        self._record(*(torch.where(chosen, x, nan) for x in (t + step, f, g, dg)))
+        record(*(torch.where(chosen, x, nan) for x in (t + step, f, g, dg)))
         return chosen
 
-    def newton(self, t, max_iter, active=None, radius=None):
-        """Safeguarded Halley (or Newton) steps on L' from ``t``, for the ``active`` directions
-        (default all).
-
-        The bracket holds the minimiser: h < 0 left of it, h >= 0 right of it. alpha_max is
-        not evaluated up front: a step past it lands on it, and h there tells the rest.
-        Written with fused operations: at a few rows each operation's overhead, not the
-        vocabulary pass, is what costs.
-        """
-        active = torch.ones_like(t, dtype=torch.bool) if active is None else active
-        left, right = self.lo.clone(), self.hi.clone()
-        if radius is not None:
-            left, right = (t - radius).clamp_min(self.low), (t + radius).clamp_max(self.high)
-        top_seen = torch.zeros_like(active)
-        moving = active
-        for _ in range(max_iter):
-            _, h, dh, ddh, _, (stats, dddf) = self.evaluate(t, None if bool(moving.all()) else moving)
-            falling = h < 0
-            left = torch.where(falling, t, left)
-            right = torch.where(falling, right, t)
-            # Halley's method in s = t^2, where f and g are nearly linear (both ~ s Var_P[d] / 2).
-            # With phi = dL/ds = h / t and c = t h' - h: phi' = c / (2 t^3) and
-            # phi'' = (t^2 h'' - 3 c) / (4 t^5). Newton's step is -phi / phi' = -2 t^2 h / c;
-            # Halley's divides it by 1 - phi phi'' / (2 phi'^2) = 1 - h (t^2 h'' - 3 c) / (2 c^2).
-            # Cubic convergence saves the slow directions (far starts) a round or two; where
-            # that divisor leaves [1/2, 4] (far from the root, or h'' lost to rounding): Newton.
-            curvature = torch.addcmul(-h, t, dh)
-            ratio = torch.div(h, curvature)
-            divisor = torch.addcmul(curvature, t * t, ddh, value=-1 / 3).mul_(ratio).div_(curvature).mul_(1.5).add_(1)
-            divisor = torch.where((divisor >= 0.5) & (divisor <= 4.0), divisor, 1.0)
-            newton = (t * t).mul_(ratio.div_(divisor).mul_(-2).add_(1)).clamp_min_(0.0).sqrt_()
-            top_seen |= t == self.high
-            # A step within rounding noise of the bracket counts as inside (then clamped).
-            inside = (curvature > 0) & (t > 0) & (newton >= left - self.tol) & (newton <= right + self.tol)
-            newton = torch.clamp(newton, left, right)
-            # Still falling, no Newton step within the bracket: try alpha_max itself first.
-            to_top = falling & ~(inside | top_seen) & (right == self.high)
-            target = torch.where(inside, newton, torch.where(to_top, self.hi, (left + right).mul_(0.5)))
-            target = torch.where(moving, target, t)
-            moving = (target - t).abs_() > self.tol
-            moving &= ~self.settle(t, target - t, stats, dddf, moving & inside)
-            t = target
-            if not bool(moving.any()):
-                break
-
-    def unresolved(self, grid, count: int = 1):
-        """Per direction, up to ``count`` grid points whose loss the evaluated points cannot
-        bound above the best loss (lowest bounds first), which of them are real, and whether
-        that was every such point.
+    def _bounds(self, grid):
+        """Per direction and grid point, a lower bound of the loss there from the evaluated
+        points, and whether the point is still open (not evaluated, bound below the best):
+        ``([N, P, J], [N, P, J] bool)``.
 
         g is convex and increasing (g' = E_t[dc] >= 0, g'' = Var_t >= 0) and f = t g' - g.
         For u <= x <= v evaluated: g(x) lies between every tangent and the chord u-v, g'(x)
@@ -460,21 +522,50 @@ class _Search:
         seen = ((ts - x).abs_() <= self.tol).any(-1)  # grid point already evaluated
         best = self.best_loss.unsqueeze(-1)
         open_ = ~seen & (bound < best - 1e3 * torch.finfo(values.dtype).eps * (1 + best))
-        complete = bool((open_.sum(-1) <= count).all())
-        count = min(count, j)
-        ranked, pick = torch.where(open_, bound, inf).topk(count, dim=-1, largest=False)
-        return grid[pick], ranked < inf, complete  # [N, P, count] each, bool
+        return bound, open_
 
-    def evaluate_points(self, t: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
-        """Evaluate several points per direction in one pass over the chosen ones (f, g and
-        g' only): ``t, pending [N, P, M]``; returns where the best improved, ``[N, P]``."""
-        rows, pairs, slots = pending.nonzero(as_tuple=True)
-        self.passes += len(rows) / pending.shape[0]
-        chosen = t[rows, pairs, slots]
-        part = torch.stack(self.problem.values_at(rows, pairs, chosen), dim=-1)  # [R, 3]
-        values = t.new_full((*t.shape, 3), float("nan"))
-        values[rows, pairs, slots] = part
-        return self._record(torch.where(pending, t, float("nan")), *values.unbind(-1))[3]
+    def open_points(self, grid) -> torch.Tensor:
+        """``[N, P, J]`` bool: grid points that might still beat the answer."""
+        return self._bounds(grid)[1]
+
+    def certify(self, grid, budget: int) -> torch.Tensor | None:
+        """Evaluate up to ``budget`` open grid points, lowest bound first, over all directions,
+        in one pass (f, g and g' only); returns how much each direction's best loss fell,
+        ``[N, P]``, or None (adaptive schedule) when no point is open.
+
+        Fixed schedule: always ``budget`` points; where fewer are open, the rest of the pass
+        evaluates closed ones, which only adds information.
+        """
+        n, p = self.lo.shape
+        bound, open_ = self._bounds(grid)
+        j = grid.numel()
+        budget = min(budget, n * p * j)
+        if self.adaptive:
+            budget = min(budget, int(open_.sum()))
+            if budget == 0:
+                return None
+        pick = torch.where(open_, bound, float("inf")).view(-1).topk(budget, largest=False).indices
+        direction, column = pick // j, pick % j
+        t = grid[column]
+        f, g, dg = self.problem.values_at(direction // p, direction % p, t)
+        self.passes += budget / n
+        before = self.best_loss
+        self._record(*self._scatter(pick, t, f, g, dg, per_direction=j))
+        return before - self.best_loss
+
+    def polish(self, gain, budget: int, radius: float, rounds: int) -> None:
+        """Halley within ``radius`` of the best point for the directions whose best fell in
+        ``certify`` (a better basin found on the grid): all of them (adaptive), or the
+        ``budget`` that fell the most (fixed)."""
+        n, p = self.lo.shape
+        if self.adaptive:
+            pick = (gain > 0).view(-1).nonzero().flatten()
+            if len(pick) == 0:
+                return
+        else:
+            pick = gain.view(-1).topk(min(budget, n * p)).indices
+        t = self.best_t
+        self.halley(t, (t - radius).clamp_min(self.low), (t + radius).clamp_max(self.high), rounds, pick)
 
 
 class JointSolver(_WorkspaceSolver):
@@ -487,20 +578,22 @@ class JointSolver(_WorkspaceSolver):
     Levenberg-Marquardt steps on the residuals (f - a, g - b), accepting a step only
     where it lowers the loss: never worse than one pair per position.
 
-    Options: alpha_min (0), alpha_max (2.0), max_iter (4: each step costs one pass with
-    P V work; more steps lower the loss slowly), tol (1e-7).
+    Options: alpha_min (0), alpha_max (2.0), max_iter (4 steps, always all of them: each
+    costs one pass with P V work; more steps lower the loss slowly), tol (1e-7, for the
+    one-pair start).
     """
 
     name = "dlf-joint"
 
-    def __init__(self, pair_names, *, alpha_min=0.0, alpha_max=2.0, max_iter=4, tol=1e-7):
+    def __init__(self, pair_names, *, alpha_min=0.0, alpha_max=2.0, max_iter=4, tol=1e-7, schedule="auto"):
         super().__init__(pair_names)
         self.workspace = Workspace()
         self.alpha_min, self.alpha_max = _bounds(self.name, alpha_min, alpha_max)
         self.max_iter = int(number_option(self.name, "max_iter", max_iter, 0, 1000))
         self.tol = number_option(self.name, "tol", tol, 1e-12, 1.0)
         self.bounds = (self.alpha_min, self.alpha_max)
-        self._one_pair = ExactSolver(pair_names, alpha_min=self.alpha_min, alpha_max=self.alpha_max, tol=tol)
+        self._one_pair = ExactSolver(pair_names, alpha_min=self.alpha_min, alpha_max=self.alpha_max, tol=tol, schedule=schedule)
+        self.schedule = schedule
         self.passes = 0  # softmax evaluations over the full vocabulary, per row
 
     def _state(self, problem: _Problem, w: torch.Tensor):
@@ -547,13 +640,10 @@ class JointSolver(_WorkspaceSolver):
             trial = (w + step).clamp(self.alpha_min, self.alpha_max)
             trial_loss, trial_residual, trial_jacobian = self._state(problem, trial)
             accept = trial_loss < loss  # [N]
-            moved = (trial - w).abs().amax(-1)
             loss = torch.where(accept, trial_loss, loss)
             accept = accept.unsqueeze(-1)
             w = torch.where(accept, trial, w)
             residual = torch.where(accept, trial_residual, residual)
             jacobian = torch.where(accept.unsqueeze(-1), trial_jacobian, jacobian)
             damping = torch.where(accept, (damping / 3).clamp_min_(1e-7), damping * 4)
-            if not bool((moved > self.tol).any()):
-                break
         return w
