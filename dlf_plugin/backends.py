@@ -101,7 +101,7 @@ class LocalModel:
         """Last hidden states ``[B, T, H]`` (``[B, T, V]`` logits for an ``own`` head)."""
         kwargs = {"use_cache": cache is not None}
         if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask.to(self.model_device)
+            kwargs["attention_mask"] = self._attention_bias(attention_mask.to(self.model_device), input_ids.shape[1])
             kwargs["position_ids"] = position_ids.to(self.model_device)
         if cache is not None:
             kwargs[self.cache_arg] = cache
@@ -111,6 +111,20 @@ class LocalModel:
                 kwargs["logits_to_keep"] = 0
             return self.model(ids, **kwargs).logits[..., : self.vocab_size]
         return self.body(ids, **kwargs).last_hidden_state
+
+    def _attention_bias(self, mask: torch.Tensor, queries: int) -> torch.Tensor:
+        """The 4D additive mask ``[B, 1, queries, keys]`` for a 2D padding mask ``[B, keys]``
+        whose last ``queries`` positions are being run: causal and padding together.
+
+        transformers builds this itself from a 2D mask, but first checks on the host whether
+        the mask has any padding at all (a device sync at every step); a 4D mask is used as is.
+        """
+        keys = mask.shape[1]
+        query_pos = torch.arange(keys - queries, keys, device=mask.device).unsqueeze(-1)  # [q, 1]
+        causal = torch.arange(keys, device=mask.device) <= query_pos  # [q, keys]
+        allowed = causal & mask.bool()[:, None, None, :]
+        dtype = self.model.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits ``[M, V]`` on the fusion device from hidden states ``[M, H]``."""
@@ -130,16 +144,23 @@ class LocalModel:
         """Compare ``logits(hidden(probe))`` with the model's own forward on a few tokens.
 
         Raises:
-            ModelFault: the split head differs beyond the rounding of the model's dtype
-                (an architecture whose head is more than a linear layer), naming the model.
+            ModelFault: NaN or infinite logits (broken weights), or the split head differs
+                beyond the rounding of the model's dtype (an architecture whose head is more
+                than a linear layer); the message names the model.
         """
-        if self.own_head:
-            return
         with torch.no_grad():
             ours = self.logits(self.hidden(probe)[0])
-            theirs = self.model(probe.to(self.model_device), use_cache=False).logits[0, :, : self.vocab_size].float().to(self.device)
+            if self.own_head:
+                theirs = ours
+            else:
+                theirs = self.model(probe.to(self.model_device), use_cache=False).logits[0, :, : self.vocab_size].float().to(self.device)
+        if not bool(torch.isfinite(theirs).all() and torch.isfinite(ours).all()):
+            raise ModelFault(
+                f"model(s) {self.name} gave NaN or infinite logits on a {probe.shape[1]}-token probe at load "
+                "(a broken checkpoint, or overflow in float16: try dtype=bfloat16 or float32)"
+            )
         # A half-precision head rounds each logit to its dtype's spacing; allow that and a little more.
-        eps = torch.finfo(self.weight.dtype if self._mode != "copy" else next(self.model.parameters()).dtype).eps
+        eps = torch.finfo(self.model.dtype).eps
         tolerance = 4 * eps * theirs.abs().amax().item() + 1e-4
         error = (ours - theirs).abs().amax().item()
         if not error <= tolerance:

@@ -1,0 +1,281 @@
+"""What real checkpoints on real hardware need (DESIGN.md section 5): the shortest context of
+the fusion, bounded scoring memory, batch size auto, float32 logits from half-precision
+models, no device syncs in a decoding step, and NaN logits that stop the run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import transformers
+import yaml
+from lm_eval.api.instance import Instance
+
+import reference
+from dlf_plugin import tiny_models
+from dlf_plugin.backends import ModelFault
+from dlf_plugin.engine import Sampling
+from dlf_plugin.lm import DLFLM
+from dlf_plugin.solvers.base import make_solver
+from dlf_plugin.syncs import count_syncs
+from dlf_plugin.tiny_models import peaked_fusion_inputs
+
+CONTEXTS = [
+    ("Question: What is the capital of Varn?\nAnswer:", " Oskel"),
+    ("The river Tesh flows", " north through the valley"),
+    ("Lorem", " ipsum dolor sit amet, consectetur"),
+    ("The river Tesh flows", " south"),
+]
+LONG = " ".join(["the quick brown fox jumps over the lazy dog."] * 12)  # ~130 tokens
+
+
+def ll(pairs):
+    return [Instance("loglikelihood", None, pair, i) for i, pair in enumerate(pairs)]
+
+
+def rolling(texts):
+    return [Instance("loglikelihood_rolling", None, (t,), i) for i, t in enumerate(texts)]
+
+
+def variant(tiny_world, tmp_path, change, names=("large", "small-a", "expert-a1")) -> str:
+    """A copy of the tiny registry with pair a1's models re-saved after ``change(name, model)``."""
+    registry = yaml.safe_load(tiny_world["registry"].read_text())
+    for name in names:
+        model = transformers.AutoModelForCausalLM.from_pretrained(tiny_world["root"] / name)
+        model = change(name, model) or model
+        tiny_models.save(model, tiny_world["tokenizer"], tmp_path / name)
+        registry["models"][name] = {"path": str(tmp_path / name)}
+    for name, entry in registry["models"].items():
+        if name not in names:
+            entry["path"] = str(tiny_world["root"] / entry["path"])
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(registry, sort_keys=False))
+    return str(path)
+
+
+# -- context --------------------------------------------------------------------------------
+
+
+def test_context_is_the_shortest_models_and_long_requests_are_truncated_once_for_all(tiny_world, tiny_models_loaded, tmp_path):
+    def shorten(name, model):
+        if name != "large":
+            model.config.max_position_embeddings = 48
+
+    path = variant(tiny_world, tmp_path, shorten)
+    lm = DLFLM(registry=path, experts="a1", solver="static", batch_size="2")
+    assert lm.contexts == {"large": 512, "small-a": 48, "expert-a1": 48}
+    assert lm.max_length == 48
+    assert DLFLM(registry=path, experts="a1", solver="static", max_length=32).max_length == 32
+
+    requests = [(LONG, " and runs away."), CONTEXTS[0]]
+    ours = lm.loglikelihood(ll(requests))
+    pairs = [("expert-a1", "small-a", 1.0)]
+    for (context, continuation), (logprob, greedy) in zip(requests, ours):
+        ctx, cont = lm._encode_pair(context, continuation)
+        window = (ctx + cont)[-(48 + 1) :][:-1]  # lm-eval's left truncation, one window for all models
+        seen = window[: len(window) - len(cont) + 1]
+        assert len(seen) + len(cont) - 1 <= 48
+        ref, ref_greedy = reference.continuation_logprob(tiny_models_loaded, "large", pairs, seen, cont, lm.engine.vocab_size)
+        assert logprob == pytest.approx(ref, abs=1e-4)
+        assert greedy == ref_greedy
+    # Generation: the prompt is cut to max_length - max_gen_toks, the whole row fits the context.
+    [text] = lm.generate_until([Instance("generate_until", None, (LONG, {"until": [], "max_gen_toks": 8}), 0)])
+    prompt = lm.tok_encode(LONG)[-(48 - 8) :]
+    expected = reference.greedy_tokens(tiny_models_loaded, "large", pairs, prompt, lm.engine.vocab_size, 8, lm.eot_token_id)
+    assert text == lm.tok_decode(expected)
+
+
+# -- bounded scoring memory -------------------------------------------------------------
+
+
+def test_chunked_scoring_equals_unchunked_on_ragged_batches_and_rolling_windows(tiny_world):
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="static", batch_size="4", max_length=40)
+    texts = [LONG, "Lorem ipsum dolor sit amet, consectetur adipiscing elit.", "Question: What is the capital of Varn?"]
+    whole = lm.engine.fusion_memory
+    assert lm.engine.chunk_rows >= 200  # the default budget holds every position of these batches
+    full_ll, full_rolling = lm.loglikelihood(ll(CONTEXTS)), lm.loglikelihood_rolling(rolling(texts))
+    seen = []
+    score = lm.engine.score
+    lm.engine.score = lambda *a, **k: seen.append(lm.engine.chunk_rows) or score(*a, **k)
+    try:
+        lm.engine.fusion_memory = whole * 3 // lm.engine.chunk_rows  # 3 positions per chunk
+        chunked_ll, chunked_rolling = lm.loglikelihood(ll(CONTEXTS)), lm.loglikelihood_rolling(rolling(texts))
+    finally:
+        lm.engine.fusion_memory = whole
+        del lm.engine.score
+    assert set(seen) == {3}
+    for (a, greedy_a), (b, greedy_b) in zip(full_ll, chunked_ll):
+        assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b
+    # A rolling loglikelihood sums every token's: 1e-5 per token (float32 rounding of the
+    # head's product over different row counts is ~1e-7 per token here).
+    for text, a, b in zip(texts, chunked_rolling, full_rolling):
+        assert a == pytest.approx(b, abs=1e-5 * len(lm.tok_encode(text)))
+    assert min(full_rolling) < -100  # windows of ~40 positions were scored
+
+
+# -- batch size auto ------------------------------------------------------------------------
+
+
+def test_auto_batch_size_equals_batch_size_one(tiny_world):
+    auto = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="dlf", batch_size="auto", max_batch_size=16)
+    one = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="dlf", batch_size="1")
+    tried = []
+    score = auto.engine.score
+    auto.engine.score = lambda ids, positions, *a, **k: tried.append((*ids.shape, int(positions.sum()))) or score(ids, positions, *a, **k)
+    for (a, greedy_a), (b, greedy_b) in zip(auto.loglikelihood(ll(CONTEXTS)), one.loglikelihood(ll(CONTEXTS))):
+        assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b
+    # The detection ran the real chunked work at the largest batch, on the longest request's
+    # shape with its continuation fused.
+    context, continuation = max((auto._encode_pair(c, x) for c, x in CONTEXTS), key=lambda e: len(e[0]) + len(e[1]))
+    assert tried[0] == (16, len(context) + len(continuation) - 1, 16 * len(continuation))
+    prompts = [Instance("generate_until", None, (c, {"until": ["\n"], "max_gen_toks": 6}), i) for i, (c, _) in enumerate(CONTEXTS)]
+    assert auto.generate_until(prompts) == one.generate_until(prompts)
+
+
+# -- precision ------------------------------------------------------------------------------
+
+
+def test_bfloat16_fused_loglikelihoods_stay_within_the_bound_of_their_models_own_error(tiny_world, tmp_path):
+    """The same bf16-representable weights run in bfloat16 and in float32. Per model, e_m is
+    the largest logit error bf16 activations cause (the model's own bf16 last hidden state
+    through its output layer in float64, against the float32 model's logits). With static
+    weights 1, a fused logit is off by at most E = e_L + sum_k (e_Sk + e_Ek), a log-softmax by
+    2E, and a continuation of n tokens by 2 n E (here E = 0.27: in models this small, bf16
+    activations, not the head, are most of the error)."""
+    names = ("large", "small-a", "expert-a1", "small-b", "expert-b")
+    path = variant(tiny_world, tmp_path, lambda name, model: model.to(torch.bfloat16), names)
+    half = DLFLM(registry=path, experts="a1+b", solver="static", dtype="bfloat16", batch_size="4")
+    full = DLFLM(registry=path, experts="a1+b", solver="static", dtype="float32", batch_size="4")
+    assert {b.head_mode for b in half.engine.models.values()} == {"copy"}  # no bf16 -> fp32 matmul on CPU
+
+    vocab = half.engine.vocab_size
+    errors = {}
+    for name in names:
+        model16, model32 = half.engine.models[name].model, full.engine.models[name].model
+        worst = 0.0
+        for context, continuation in CONTEXTS:
+            ids = torch.tensor([sum(half._encode_pair(context, continuation), [])])
+            with torch.no_grad():
+                hidden = model16.base_model(ids).last_hidden_state.double()
+                ours = hidden @ model16.lm_head.weight[:vocab].double().T
+                truth = model32(ids).logits[..., :vocab].double()
+            worst = max(worst, float((ours - truth).abs().max()))
+        errors[name] = worst
+    bound_per_token = 2 * sum(errors.values())
+    half_ll = half.loglikelihood(ll(CONTEXTS))
+    for (context, continuation), (a, _), (b, _) in zip(CONTEXTS, half_ll, full.loglikelihood(ll(CONTEXTS))):
+        tokens = len(half._encode_pair(context, continuation)[1])
+        assert abs(a - b) <= bound_per_token * tokens
+
+    # The same run with every model's logits rounded to bf16 before fusing (a bf16 head) is
+    # further from float32: measured here, 0.47 in all against 0.36.
+    for backend in half.engine.models.values():
+        exact = backend.logits
+        backend.logits = lambda h, exact=exact: exact(h).to(torch.bfloat16).float()
+    rounded = half.loglikelihood(ll(CONTEXTS))
+    reference_ll = full.loglikelihood(ll(CONTEXTS))
+    ours_error = sum(abs(a - b) for (a, _), (b, _) in zip(half_ll, reference_ll))
+    rounded_error = sum(abs(a - b) for (a, _), (b, _) in zip(rounded, reference_ll))
+    assert rounded_error > 1.2 * ours_error
+
+
+# -- NaN and infinity -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broken", ["large", "small-a", "expert-a1"])
+def test_nan_weights_in_any_model_stop_the_run_at_load_naming_it(tiny_world, tmp_path, broken):
+    def poison(name, model):
+        if name == broken:
+            with torch.no_grad():
+                model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+
+    with pytest.raises(ModelFault, match=rf"model\(s\) {broken} gave NaN or infinite logits on a \d+-token probe at load"):
+        DLFLM(registry=variant(tiny_world, tmp_path, poison), experts="a1", solver="dlf", batch_size="2")
+
+
+@pytest.mark.parametrize("broken", ["large", "small-b", "expert-a1"])
+def test_nan_logits_mid_run_stop_scoring_and_generation_naming_the_model(tiny_world, broken):
+    """Overflow that shows only on some inputs: the engine's device-side flag, read with the
+    step's one transfer, stops the run."""
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="dlf", batch_size="2")
+    body = lm.engine.models[broken].model.base_model
+    def overflow(module, args, out):
+        out.last_hidden_state[:, -1, 0] = float("inf")
+
+    hook = body.register_forward_hook(overflow)
+    try:
+        with pytest.raises(ModelFault, match=rf"model\(s\) {broken} gave NaN or infinite logits"):
+            lm.loglikelihood(ll(CONTEXTS))
+        with pytest.raises(ModelFault, match=rf"model\(s\) {broken} gave NaN"):
+            lm.generate_until([Instance("generate_until", None, ("The river", {"until": [], "max_gen_toks": 4}), 0)])
+    finally:
+        hook.remove()
+
+
+# -- no device syncs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,options", [("static", {}), ("dlf-grid", {}), ("dlf", {"schedule": "fixed"}), ("dlf-joint", {"schedule": "fixed"})])
+def test_solvers_make_no_device_sync(name, options):
+    inputs = peaked_fusion_inputs(rows=8, pairs=3, vocab=3000, seed=4)
+    solver, _ = make_solver(name, ["x", "y", "z"], options)
+    solver.solve(inputs)  # constants built once
+    with count_syncs() as syncs:
+        solver.solve(inputs)
+    assert syncs.total == 0, dict(syncs.calls)
+
+
+def test_the_sync_counter_sees_what_syncs():
+    x = torch.randn(6)
+    with count_syncs() as syncs:
+        x.sum().item()
+        bool((x > 0).any())
+        x[x > 0]
+        x.nonzero()
+        x.tolist()
+        x.topk(2)
+        x * 2
+    assert syncs.calls == {"_local_scalar_dense": 2, "boolean_mask_index": 1, "nonzero": 1, "tolist": 1}
+
+
+def test_fixed_schedule_reaches_the_adaptive_loss_where_it_certifies():
+    """On peaked logits shaped like a model's (seeds no schedule decision looked at), the
+    sync-free schedule certifies at least 95% of the rows and, on those, reaches the
+    adaptive schedule's loss to 1e-6."""
+    from dlf_plugin.fusion import dlf_loss
+    from dlf_plugin.solvers.dlf import ExactSolver
+
+    rows_seen = rows_certified = 0
+    for seed in range(101, 105):
+        for rows, pairs in ((1, 1), (24, 1), (24, 3)):
+            inputs = peaked_fusion_inputs(rows, pairs, 8000, seed)
+            names = [f"p{k}" for k in range(pairs)]
+            fixed = ExactSolver(names, schedule="fixed")
+            loss_fixed = dlf_loss(inputs, fixed.solve(inputs))
+            loss_adaptive = dlf_loss(inputs, ExactSolver(names, schedule="adaptive").solve(inputs))
+            certified = ~fixed.uncertified_rows
+            assert float((loss_fixed - loss_adaptive)[certified].abs().max()) < 1e-6
+            rows_seen += rows
+            rows_certified += int(certified.sum())
+    assert rows_certified >= 0.95 * rows_seen
+
+
+@pytest.mark.parametrize("solver,options", [("static", {}), ("dlf", {"schedule": "fixed"})])
+def test_a_decoding_step_makes_one_device_transfer(tiny_world, solver, options):
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver=solver, batch_size="4", **options)
+    context, mask = lm.tok_batch_encode([c for c, _ in CONTEXTS])
+    steps = 6
+    with count_syncs() as syncs:
+        out = lm.engine.generate(context, mask, steps, Sampling(), eos_token_id=-1, pad_token_id=0)
+    assert out.shape[1] == context.shape[1] + steps
+    assert dict(syncs.calls) == {"tolist": steps}
+
+
+def test_half_precision_heads_give_float32_logits_not_rounded_ones(tiny_world):
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1", solver="static", dtype="bfloat16")
+    backend = lm.engine.models["large"]
+    ids = torch.tensor([lm.tok_encode("The river Tesh flows north")])
+    logits = backend.logits(backend.hidden(ids)[0])
+    assert logits.dtype == torch.float32
+    assert not torch.equal(logits, logits.to(torch.bfloat16).float())
