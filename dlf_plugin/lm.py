@@ -413,10 +413,26 @@ class DLFLM(HFLM):
                 ],
                 "route": "task" if self.routed else "none",
                 **({"routes": dict(self.routes)} if self.routed else {}),
-                "solver": {**self.engine.solver.describe(), "plugin": self.engine.plugin},
+                "solver": {**self.engine.solver.describe(), "plugin": self.engine.plugin, **self._uncertified()},
                 "versions": {pkg: _version(pkg) for pkg in ("torch", "transformers", "lm_eval", "pluggy")},
             },
         }
+
+
+    def _uncertified(self) -> dict:
+        """Fused positions that the exact solver's fixed (sync-free) schedule left uncertified,
+        over every engine of the run: read from the device once, here; warned about if any."""
+        counts = [getattr(e.solver, "uncertified", None) for e in self._engines.values()]
+        counts = [int(c) for c in counts if c is not None]
+        if not counts:
+            return {}
+        total = sum(counts)
+        if total:
+            logger.warning(
+                "dlf: %d fused position(s) were solved by the fixed (sync-free) schedule without certification: "
+                "their DLF loss may exceed dlf-grid's; solver option schedule=adaptive certifies every position", total,
+            )
+        return {"uncertified_positions": total}
 
 
 def _split_experts(value: Any, available: list[str]) -> list[str]:

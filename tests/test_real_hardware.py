@@ -279,3 +279,31 @@ def test_half_precision_heads_give_float32_logits_not_rounded_ones(tiny_world):
     logits = backend.logits(backend.hidden(ids)[0])
     assert logits.dtype == torch.float32
     assert not torch.equal(logits, logits.to(torch.bfloat16).float())
+
+
+def test_results_record_and_warn_about_uncertified_positions(tiny_world, monkeypatch, caplog):
+    """Without certification rounds the fixed schedule cannot rule out the grid: the results
+    say how many positions that left, and a warning says what to do."""
+    import dlf_plugin.solvers.dlf as dlf_solvers
+
+    monkeypatch.setattr(dlf_solvers, "CERTIFY_ROUNDS", 0)
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="dlf-joint", schedule="fixed", batch_size="4")
+    lm.loglikelihood(ll(CONTEXTS))
+    positions = sum(len(lm._encode_pair(c, x)[1]) for c, x in CONTEXTS)
+    with caplog.at_level("WARNING"):
+        solver = lm.get_model_info()["dlf"]["solver"]
+    assert solver["options"]["schedule"] == "fixed"
+    assert 0 < solver["uncertified_positions"] <= positions
+    assert "schedule=adaptive certifies every position" in caplog.text
+
+
+def test_no_solver_buffer_outlives_its_call_in_any_routed_engine(tiny_world):
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+a2+b", route="task", solver="dlf", batch_size="4")
+    requests = ll(CONTEXTS)
+    for i, request in enumerate(requests):
+        request.task_name = "toy_qa" if i % 2 else "toy_mc"  # a1 and b list toy_qa, a2 toy_mc
+    lm.loglikelihood(requests)
+    lm.generate_until([Instance("generate_until", None, ("The river", {"until": [], "max_gen_toks": 3}), 0, task_name="toy_qa")])
+    assert set(lm._engines) == {("a1", "a2", "b"), ("a1", "b"), ("a2",)}
+    for engine in lm._engines.values():
+        assert engine.solver.workspace._buffers == {}

@@ -599,6 +599,11 @@ class JointSolver(_WorkspaceSolver):
         self.schedule = schedule
         self.passes = 0  # softmax evaluations over the full vocabulary, per row
 
+    @property
+    def uncertified(self):
+        """Rows the one-pair start's fixed schedule left uncertified (see ``dlf``)."""
+        return self._one_pair.uncertified
+
     def _state(self, problem: _Problem, w: torch.Tensor):
         """Loss, residuals [N, 2] and Jacobian [N, 2, P] at weights ``w [N, P]``: one pass."""
         self.passes += 1
