@@ -94,14 +94,31 @@ class LocalModel:
         limit = getattr(tokenizer, "model_max_length", None)
         return limit if isinstance(limit, int) and 0 < limit < TOKENIZER_UNSET else None
 
-    def new_cache(self):
+    @property
+    def static_cache(self) -> bool:
+        """Whether decoding preallocates this model's KV cache (transformers' StaticCache): for
+        models transformers can compile whole, without sliding-window layers."""
+        config = self.model.config
+        return bool(getattr(self.model, "_can_compile_fullgraph", False)) and not getattr(config, "sliding_window", None)
+
+    def new_cache(self, batch: int, length: int):
+        """A KV cache for ``batch`` rows of at most ``length`` tokens: preallocated where the
+        model allows (fixed shapes, so a step can be compiled or captured), else growing."""
+        if self.static_cache:
+            cache = transformers.StaticCache(config=self.model.config, max_cache_len=length)
+            cache.dlf_length = length  # transformers names the length differently across versions
+            return cache
         return transformers.DynamicCache()
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
         """Last hidden states ``[B, T, H]`` (``[B, T, V]`` logits for an ``own`` head)."""
         kwargs = {"use_cache": cache is not None}
         if attention_mask is not None:
-            kwargs["attention_mask"] = self._attention_bias(attention_mask.to(self.model_device), input_ids.shape[1])
+            bias = self._attention_bias(attention_mask.to(self.model_device), input_ids.shape[1])
+            if isinstance(cache, transformers.StaticCache):  # keys: every preallocated slot
+                slots = cache.dlf_length - bias.shape[-1]
+                bias = torch.nn.functional.pad(bias, (0, slots), value=torch.finfo(bias.dtype).min)
+            kwargs["attention_mask"] = bias
             kwargs["position_ids"] = position_ids.to(self.model_device)
         if cache is not None:
             kwargs[self.cache_arg] = cache

@@ -255,7 +255,7 @@ class FusionEngine:
         full_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=attention_mask.dtype, device=self.device)
         full_mask[:, :prompt_len] = attention_mask.to(self.device)
         position_ids = (full_mask[:, :prompt_len].long().cumsum(-1) - 1).clamp_min(0)
-        caches = {name: self.models[name].new_cache() for name in self.forward_order}
+        caches = {name: self.models[name].new_cache(batch, prompt_len + max_new_tokens) for name in self.forward_order}
         step_ids, step_pos, length = input_ids.to(self.device), position_ids, prompt_len
         finished = [False] * batch
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)

@@ -307,3 +307,21 @@ def test_no_solver_buffer_outlives_its_call_in_any_routed_engine(tiny_world):
     assert set(lm._engines) == {("a1", "a2", "b"), ("a1", "b"), ("a2",)}
     for engine in lm._engines.values():
         assert engine.solver.workspace._buffers == {}
+
+
+def test_preallocated_caches_decode_as_growing_ones(tiny_world, monkeypatch):
+    """Llama-shaped models decode with transformers' StaticCache (fixed shapes: a step can be
+    compiled or captured); the tokens equal those of growing caches."""
+    from dlf_plugin.backends import LocalModel
+
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="dlf", schedule="fixed", batch_size="4")
+    context, mask = lm.tok_batch_encode([c for c, _ in CONTEXTS])
+    made = []
+    new_cache = LocalModel.new_cache
+    monkeypatch.setattr(LocalModel, "new_cache", lambda self, *a: made.append(new_cache(self, *a)) or made[-1])
+    static = lm.engine.generate(context, mask, 10, Sampling(), eos_token_id=-1, pad_token_id=0)
+    assert made and all(isinstance(c, transformers.StaticCache) for c in made)
+    monkeypatch.setattr(LocalModel, "static_cache", property(lambda self: False))
+    growing = lm.engine.generate(context, mask, 10, Sampling(), eos_token_id=-1, pad_token_id=0)
+    assert isinstance(made[-1], transformers.DynamicCache)
+    assert torch.equal(static, growing)
