@@ -307,7 +307,8 @@ class ExactSolver(_WorkspaceSolver):
         return search.best_t, search.best_loss
 
 
-# Schedules. Adaptive: at most this many Halley rounds per direction. Fixed: Halley
+# Schedules. Adaptive: at most this many Halley rounds per direction, grid points certified
+# per direction and round. Fixed: Halley
 # rounds; certification rounds, with the grid points evaluated and the directions polished
 # per round as fractions of the rows x pairs directions; Halley rounds per polish. Chosen
 # on peaked logits (tiny_models.peaked_fusion_inputs, seeds 200-205, V = 8,000): 3 Halley
@@ -315,6 +316,7 @@ class ExactSolver(_WorkspaceSolver):
 # stay uncertified (one of them 3.7e-5 above the adaptive loss), about 5.7 passes per
 # direction against the grid's 20.
 ADAPTIVE_ROUNDS = 30
+ADAPTIVE_POINTS = 4  # grid points certified per direction and round
 FIXED_ROUNDS = 3
 CERTIFY_ROUNDS = 2
 CERTIFY_POINTS = 1.0
@@ -532,22 +534,27 @@ class _Search:
         return self._bounds(grid)[1]
 
     def certify(self, grid, budget: int) -> torch.Tensor | None:
-        """Evaluate up to ``budget`` open grid points, lowest bound first, over all directions,
-        in one pass (f, g and g' only); returns how much each direction's best loss fell,
-        ``[N, P]``, or None (adaptive schedule) when no point is open.
+        """Evaluate open grid points, lowest bound first, in one pass (f, g and g' only);
+        returns how much each direction's best loss fell, ``[N, P]``, or None (adaptive
+        schedule) when no point is open.
 
-        Fixed schedule: always ``budget`` points; where fewer are open, the rest of the pass
-        evaluates closed ones, which only adds information.
+        Adaptive: up to ``ADAPTIVE_POINTS`` per direction. Fixed: the ``budget`` lowest over
+        all directions; where fewer are open, the rest of the pass evaluates closed ones,
+        which only adds information.
         """
         n, p = self.lo.shape
         bound, open_ = self._bounds(grid)
         j = grid.numel()
-        budget = min(budget, n * p * j)
-        if self.adaptive:
-            budget = min(budget, int(open_.sum()))
-            if budget == 0:
+        scores = torch.where(open_, bound, float("inf"))
+        if self.adaptive:  # the few lowest bounds of each direction: each evaluation may rule out the rest
+            ranked, column = scores.topk(min(ADAPTIVE_POINTS, j), dim=-1, largest=False)  # [N, P, k]
+            pick = (torch.arange(n * p, device=column.device).view(n, p, 1) * j + column)[ranked < float("inf")]
+            if len(pick) == 0:
                 return None
-        pick = torch.where(open_, bound, float("inf")).view(-1).topk(budget, largest=False).indices
+            budget = len(pick)
+        else:
+            budget = min(budget, n * p * j)
+            pick = scores.view(-1).topk(budget, largest=False).indices
         direction, column = pick // j, pick % j
         t = grid[column]
         f, g, dg = self.problem.values_at(direction // p, direction % p, t)
