@@ -10,3 +10,5 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# The toy models are tiny: one thread each avoids oversubscribing small machines.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

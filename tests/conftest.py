@@ -19,6 +19,9 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from threads and lose much to oversubscription on small machines
+# (set before torch loads, so that lm_eval subprocesses inherit it too).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from dlf_plugin import tiny_models  # noqa: E402
 
