@@ -13,7 +13,6 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import Collator
 from lm_eval.models.utils_hf import clear_torch_cache
@@ -297,9 +296,9 @@ class DLFLM(HFLM):
             # Their continuations end at the same token position: align each to the span's end.
             groups = [list(re_ord.get_cache(req_str=r, cxt_toks=c, cont_toks=x, logits=NO_LOGITS)) for r, c, x in chunk]
             for group, (start, end) in zip(groups, spans):
-                for i in range(end - start):
-                    skip = [end - start - len(toks) for _, toks, _ in group]
-                    targets.append([toks[i - k] if i >= k else -1 for (_, toks, _), k in zip(group, skip)])
+                span = end - start
+                for i in range(span):
+                    targets.append([toks[i - span + len(toks)] if i >= span - len(toks) else -1 for _, toks, _ in group])
             width = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
             positions = torch.zeros((len(rows), width), dtype=torch.bool)

@@ -159,6 +159,20 @@ def test_bad_route(tiny_world, no_model_loads):
         build(str(tiny_world["registry"]), experts="a1", route="tasks")
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "1.5", "lots"])
+def test_bad_fusion_memory(tiny_world, no_model_loads, value):
+    with pytest.raises(RegistryError, match=rf"model_args fusion_memory={value!r} must be a positive whole number"):
+        build(str(tiny_world["registry"]), experts="a1", fusion_memory=value)
+
+
+@pytest.mark.parametrize("value", ["fast", ""])
+def test_bad_solver_schedule(tiny_world, no_model_loads, value):
+    from dlf_plugin.solvers.base import SolverOptionError
+
+    with pytest.raises(SolverOptionError, match=r"model_args schedule=.* \(solver 'dlf'\) must be one of auto, adaptive, fixed"):
+        build(str(tiny_world["registry"]), experts="a1", schedule=value)
+
+
 def test_registry_loads_without_torch(tiny_world):
     """Reading a registry imports no torch: it must run before anything heavy."""
     import subprocess
