@@ -308,13 +308,13 @@ class ExactSolver(_WorkspaceSolver):
 
 
 # Schedules. Adaptive: at most this many Halley rounds per direction, grid points certified
-# per direction and round. Fixed: Halley
-# rounds; certification rounds, with the grid points evaluated and the directions polished
-# per round as fractions of the rows x pairs directions; Halley rounds per polish. Chosen
-# on peaked logits (tiny_models.peaked_fusion_inputs, seeds 200-205, V = 8,000): 3 Halley
-# rounds reach the adaptive loss to 1e-8; with these certification budgets 2 of 342 rows
-# stay uncertified (one of them 3.7e-5 above the adaptive loss), about 5.7 passes per
-# direction against the grid's 20.
+# per direction and round. Fixed: Halley rounds; certification rounds, with the grid points
+# evaluated and the directions polished per round as fractions of the rows x pairs
+# directions; Halley rounds per polish. Chosen on peaked logits (peaked_fusion_inputs,
+# seeds 200-205, V = 8,000): 3 Halley rounds reach the adaptive loss to 1e-8; with these
+# certification budgets 2 of 342 rows stay uncertified (one of them 3.7e-5 above the
+# adaptive loss; certified rows within 1e-7 of it), about 5.7 passes per direction
+# against the grid's 20.
 ADAPTIVE_ROUNDS = 30
 ADAPTIVE_POINTS = 4  # grid points certified per direction and round
 FIXED_ROUNDS = 3
@@ -400,10 +400,10 @@ class _Search:
         state = [x.reshape(-1).clone() for x in (t, left, right)] + [moving, torch.zeros_like(moving)]
         for round_ in range(rounds):
             if self.adaptive and round_ > 0:
-                count = int(state[3].sum())
-                if count == 0:
+                still = state[3].nonzero().flatten()
+                if len(still) == 0:
                     break
-                pick = None if 2 * count > n * p else state[3].nonzero().flatten()
+                pick = None if 2 * len(still) > n * p else still
             if pick is None:
                 self.passes += p
                 values = [x.view(n, p) for x in state]
@@ -421,15 +421,15 @@ class _Search:
                     return self._record(*self._scatter(pick, *x))
 
             values = self._step(*values, stats, *constants, record)
-            for full, new in zip(state, values):
-                if pick is None:
-                    full.copy_(new.reshape(-1))
-                else:
-                    full[pick] = new
-        # Directions this run left moving (a later run over them may settle them).
-        ran = torch.zeros_like(self.moving)
-        ran[slice(None) if first is None else first] = True
-        self.moving = torch.where(ran, state[3], self.moving)
+            # Out of place: recorded points may be views of the state.
+            if pick is None:
+                state = [x.reshape(-1) for x in values]
+            else:
+                state = [full.index_put((pick,), new) for full, new in zip(state, values)]
+        if not self.adaptive:  # directions this run left moving, for the uncertified rows
+            ran = torch.zeros_like(self.moving)
+            ran[slice(None) if first is None else first] = True
+            self.moving = torch.where(ran, state[3], self.moving)
 
     def _step(self, t, left, right, moving, top_seen, stats, tf, tg, k4, rounding, record):
         """One Halley round from the pass ``stats`` at ``t``; returns the new
