@@ -274,3 +274,28 @@ def test_float32_solution_matches_float64_on_peaked_logits():
     assert float((w32.double() - w64).abs().max()) < 2e-4
     assert bool((loss32 <= loss64 + 1e-7).all())
     assert bool((loss32 <= grid + 1e-7).all())
+
+
+@pytest.mark.parametrize("schedule", ["adaptive", "fixed"])
+def test_every_recorded_point_holds_f_and_g_at_its_own_weight(schedule):
+    """The certification bounds rest on the recorded (t, f, g, g') points: each must be what a
+    fresh pass gives at its t (a point whose t was overwritten after the fact would not)."""
+    from dlf_plugin.solvers.dlf import _Problem, _Search
+
+    inputs = peaked_fusion_inputs(rows=12, pairs=2, vocab=3000, seed=8)
+    inputs = FusionInputs(*(x.double() for x in (inputs.base_logits, inputs.small_logits, inputs.expert_logits)), inputs.row_mask)
+    solver = ExactSolver(["x", "y"], schedule=schedule)
+    problem = _Problem(inputs)
+    search = _Search(problem, 0.0, 2.0, 1e-7, adaptive=schedule == "adaptive")
+    search.halley(solver._start(problem, search.tf, search.tg), search.lo, search.hi, 3)
+    grid = solver._grid(search.lo)
+    search.polish(search.certify(grid, 24), 3, 0.1, 2)
+    t, f, g, _ = (torch.cat(x, dim=-1) for x in zip(*search.points))  # [N, P, E]
+    seen = ~torch.isnan(t)
+    assert int(seen.sum()) > 3 * 24
+    fresh_f, fresh_g = fusion.tilt_kls(
+        problem.base.unsqueeze(1).unsqueeze(2), problem.centred.unsqueeze(2), t.nan_to_num(0.0), problem.base_lse.view(-1, 1, 1)
+    )
+    # Settled points come from a Taylor expansion: exact to far below 1e-9 in float64.
+    assert torch.allclose(f[seen], fresh_f[seen], atol=1e-9)
+    assert torch.allclose(g[seen], fresh_g[seen], atol=1e-9)
