@@ -395,9 +395,12 @@ class _Search:
         """
         n, p = self.lo.shape
         first = pick
-        moving = torch.zeros(n * p, dtype=torch.bool, device=t.device)
-        moving[slice(None) if pick is None else pick] = True
-        state = [x.reshape(-1).clone() for x in (t, left, right)] + [moving, torch.zeros_like(moving)]
+        if pick is None:
+            moving = torch.ones(n * p, dtype=torch.bool, device=t.device)
+        else:
+            moving = torch.zeros(n * p, dtype=torch.bool, device=t.device).index_fill_(0, pick, True)
+        # Updated out of place only: recorded points may be views of the state.
+        state = [x.reshape(-1) for x in (t, left, right)] + [moving, torch.zeros_like(moving)]
         for round_ in range(rounds):
             if self.adaptive and round_ > 0:
                 still = state[3].nonzero().flatten()
@@ -421,7 +424,6 @@ class _Search:
                     return self._record(*self._scatter(pick, *x))
 
             values = self._step(*values, stats, *constants, record)
-            # Out of place: recorded points may be views of the state.
             if pick is None:
                 state = [x.reshape(-1) for x in values]
             else:
