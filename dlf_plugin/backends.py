@@ -59,6 +59,9 @@ class LocalModel:
         # transformers renamed past_key_values to cache (the old name goes in 5.40).
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keeps = "logits_to_keep" in params
+        # transformers before 5 takes the cache slots to write as cache_position; without it,
+        # the model reads the cache's length back from the device at every step.
+        self._positions = "cache_position" in params
         self.body = model.base_model if model.base_model is not model else None
         head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -120,6 +123,9 @@ class LocalModel:
                 bias = torch.nn.functional.pad(bias, (0, slots), value=torch.finfo(bias.dtype).min)
             kwargs["attention_mask"] = bias
             kwargs["position_ids"] = position_ids.to(self.model_device)
+            if self._positions and cache is not None:
+                keys = attention_mask.shape[1]
+                kwargs["cache_position"] = torch.arange(keys - input_ids.shape[1], keys, device=self.model_device)
         if cache is not None:
             kwargs[self.cache_arg] = cache
         ids = input_ids.to(self.model_device)
