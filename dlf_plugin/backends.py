@@ -33,6 +33,7 @@ class ModelFault(RuntimeError):
     """A model gave logits dlf cannot fuse (NaN or infinity, or a head it cannot split); the
     message names the model."""
 
+
 # Config attributes that carry a context length, checked in this order (lm-eval's too).
 CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
 # A tokenizer's model_max_length at or above this means "not set" (transformers' 1e30).
@@ -64,8 +65,10 @@ class LocalModel:
         self._positions = "cache_position" in params
         self.body = model.base_model if model.base_model is not model else None
         head = model.get_output_embeddings()
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.own_head = self.body is None or not isinstance(head, torch.nn.Linear)
+        # The model's own forward soft-caps its logits; dlf does it where it runs the head itself.
+        self.softcap = None if self.own_head else getattr(model.config, "final_logit_softcapping", None)
+        self.bias = None
         if not self.own_head:
             self.weight = head.weight[:vocab_size]  # [V, H], a view
             self.bias = None if head.bias is None else head.bias[:vocab_size].float()

@@ -4,8 +4,6 @@ models, no device syncs in a decoding step, and NaN logits that stop the run."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import transformers
@@ -325,3 +323,22 @@ def test_preallocated_caches_decode_as_growing_ones(tiny_world, monkeypatch):
     growing = lm.engine.generate(context, mask, 10, Sampling(), eos_token_id=-1, pad_token_id=0)
     assert isinstance(made[-1], transformers.DynamicCache)
     assert torch.equal(static, growing)
+
+
+def test_a_model_whose_head_dlf_cannot_split_gives_its_own_logits_upcast(tiny_models_loaded, monkeypatch, caplog):
+    """The fallback for architectures without a plain linear head under their body: the
+    model's own forward, upcast to float32, with a warning naming the model."""
+    from dlf_plugin.backends import LocalModel
+
+    model = tiny_models_loaded["expert-a1"]
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
+    with caplog.at_level("WARNING"):
+        backend = LocalModel("odd", model, 300, torch.device("cpu"))
+    assert backend.head_mode == "own" and "model odd has no plain linear output layer" in caplog.text
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    backend.check_head(ids)
+    logits = backend.logits(backend.hidden(ids)[0])
+    with torch.no_grad():
+        truth = model(ids).logits[0, :, :300]
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, truth.float())
