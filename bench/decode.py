@@ -75,6 +75,22 @@ def timed(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved(runs: dict, device: str, repeats: int) -> dict:
+    """Median wall time of each run, the runs taking turns (after one warm-up each), so
+    that drifts of the machine hit the baseline and the fused runs alike."""
+    times = {name: [] for name in runs}
+    for run in runs.values():
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def prompts(batch: int, length: int, device: str, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, length), generator=gen)
@@ -220,17 +236,8 @@ def main() -> None:
                 "dlf": lambda: fused_generate(engines["dlf"], ids, mask, args.new),
                 "fixed": lambda: fused_generate(fixed, ids, mask, args.new),
             }
-            times = {name: [] for name in runs}
-            for name, run in runs.items():
-                run()  # warm-up
-            for _ in range(args.repeats):
-                for name, run in runs.items():
-                    sync(device)
-                    start = time.perf_counter()
-                    run()
-                    sync(device)
-                    times[name].append(time.perf_counter() - start)
-            floor, static, dynamic, fixed_time = (statistics.median(times[n]) / args.new for n in runs)
+            medians = interleaved(runs, device, args.repeats)
+            floor, static, dynamic, fixed_time = (medians[n] / args.new for n in runs)
             uncached = timed(lambda: uncached_generate(engines["dlf"], ids, args.uncached_new), device, 1) / args.uncached_new
             print(f"\nbatch {batch}: ms per generated token ({args.prompt}-token prompts, {args.new} new tokens)")
             for name, value in alone.items():
@@ -349,11 +356,15 @@ def scoring(models, engines, args, device) -> bool:
     def alone(model):
         return model(ids, logits_to_keep=choice, use_cache=False).logits.log_softmax(-1)
 
-    total = sum(timed(lambda m=m: alone(m), device, args.repeats) for m in models.values())
-    print(f"\nfused scoring, batch {batch}, {context}-token contexts, {choice}-token continuations")
+    runs = {"sum": lambda: [alone(m) for m in models.values()]}
+    runs.update({name: (lambda e=fused: e.score(ids, positions, targets)) for name, fused in engines.items()})
+    repeats = max(args.repeats, 5)
+    medians = interleaved(runs, device, repeats)
+    total = medians["sum"]
+    print(f"\nfused scoring, batch {batch}, {context}-token contexts, {choice}-token continuations (median of {repeats})")
     ok = True
-    for name, fused in engines.items():
-        seconds = timed(lambda e=fused: e.score(ids, positions, targets), device, args.repeats)
+    for name in engines:
+        seconds = medians[name]
         print(f"  {name:<7} {seconds * 1e3:8.1f} ms vs sum of teacher-forced passes {total * 1e3:8.1f} ms ({seconds / total:.3f})")
         ok &= target(f"scoring_{name}_vs_sum", seconds / total, 1.10)
     return ok
