@@ -26,10 +26,12 @@ import logging
 import torch
 import transformers
 
+from dlf_plugin.errors import DLFError
+
 logger = logging.getLogger(__name__)
 
 
-class ModelFault(RuntimeError):
+class ModelFault(DLFError, RuntimeError):
     """A model gave logits dlf cannot fuse (NaN or infinity, or a head it cannot split); the
     message names the model."""
 

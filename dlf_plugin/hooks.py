@@ -12,6 +12,7 @@ import threading
 import pluggy
 
 from dlf_plugin import hookspecs
+from dlf_plugin.errors import DLFError
 
 ENTRY_POINT_GROUP = "dlf_plugin"
 DEFAULT_PLUGINS = ("dlf_plugin.solvers.builtin",)
@@ -22,7 +23,7 @@ _pm: pluggy.PluginManager | None = None
 _solvers: dict[str, tuple[type, str]] | None = None
 
 
-class PluginError(RuntimeError):
+class PluginError(DLFError, RuntimeError):
     """A plugin broke a hook's contract (duplicate name, wrong type)."""
 
 

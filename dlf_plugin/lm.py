@@ -21,7 +21,7 @@ from accelerate import find_executable_batch_size
 from tqdm import tqdm
 
 import dlf_plugin
-from dlf_plugin import loading
+from dlf_plugin import console, loading
 from dlf_plugin.backends import LocalModel
 from dlf_plugin.engine import DEFAULT_FUSION_MEMORY, FusionEngine, Pair, Sampling
 from dlf_plugin.fusion import FusionInputs, dlf_loss
@@ -30,6 +30,7 @@ from dlf_plugin.solvers.base import make_solver
 from dlf_plugin.trace import TraceWriter
 
 logger = logging.getLogger(__name__)
+console.install()
 
 # model_args that dlf itself reads (everything else goes to the solver) and HFLM's
 # that dlf passes through.
@@ -101,7 +102,8 @@ class DLFLM(HFLM):
         loaded = {s.name: loading.load_model(s, *placements[s.name], dtype or s.dtype) for s in specs}
         self.loaded = loaded
         tokenizer = tokenizers[self.registry.large]
-        super().__init__(pretrained=loaded[self.registry.large].model, tokenizer=tokenizer, **hflm_args)
+        with console.preloaded_model():
+            super().__init__(pretrained=loaded[self.registry.large].model, tokenizer=tokenizer, **hflm_args)
         vocab = min([len(tokenizer)] + [loading.output_vocab_size(m.model) for m in loaded.values()])
         large_device = next(loaded[self.registry.large].model.parameters()).device
         backends = {name: LocalModel(name, m.model, vocab, large_device) for name, m in loaded.items()}
@@ -125,6 +127,7 @@ class DLFLM(HFLM):
         self._chat_template_applied = False
         self._chat_checked = False
         self.tracer = TraceWriter(trace, self.tok_decode) if trace else None
+        self._ignored_gen_kwargs: set[str] = set()  # warned about once
 
     # -- construction from lm-eval's model_args ---------------------------------------------
 
@@ -340,7 +343,7 @@ class DLFLM(HFLM):
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         attention_mask = generation_kwargs.pop("attention_mask")
-        sampling = _sampling(generation_kwargs)
+        sampling = _sampling(generation_kwargs, self._ignored_gen_kwargs)
         stop_strings = [s for s in stop if s]
         longest = max((len(s) for s in stop_strings), default=0)
 
@@ -451,9 +454,12 @@ def _reject_device(args: dict) -> None:
         )
 
 
-def _sampling(kwargs: dict) -> Sampling:
-    unknown = sorted(k for k in kwargs if k not in GEN_KWARGS)
+def _sampling(kwargs: dict, warned: set[str]) -> Sampling:
+    """lm-eval's gen_kwargs as dlf's Sampling; kwargs dlf does not implement are warned about
+    once each (``warned`` keeps those already named)."""
+    unknown = sorted(k for k in kwargs if k not in GEN_KWARGS and k not in warned)
     if unknown:
+        warned.update(unknown)
         logger.warning("dlf: ignoring generation kwargs it does not implement: %s", ", ".join(unknown))
     temperature = float(kwargs.get("temperature") or 0.0)
     do_sample = bool(kwargs.get("do_sample", False)) and temperature > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -70,6 +71,7 @@ def check_sources(specs: list[ModelSpec], registry_path: Path) -> None:
                 "replace it by a path: or hub: entry before using it"
             )
         if not spec.is_local:
+            _check_offline_hub(spec, registry_path)
             continue
         folder = Path(spec.location)
         if not (folder / "config.json").is_file():
@@ -81,6 +83,36 @@ def check_sources(specs: list[ModelSpec], registry_path: Path) -> None:
             raise RegistryError(
                 f"{registry_path}: models.{spec.name}.path {folder} has no .safetensors weights; "
                 "convert the checkpoint, or set allow_pickle: true for this model if you trust it"
+            )
+
+
+# Environment variables that keep huggingface_hub (and transformers) offline.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline() -> bool:
+    """Whether the hub is off (read now, as huggingface_hub parses it: 1, ON, YES, TRUE)."""
+    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in OFFLINE_VARIABLES)
+
+
+def _check_offline_hub(spec: ModelSpec, registry_path: Path) -> None:
+    """Offline, a hub model must be in the local cache already: fail now, naming it, rather
+    than after transformers' retries."""
+    if not offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    wanted = [(spec.location, "config.json")]
+    if spec.tokenizer != spec.location:
+        wanted.append((spec.tokenizer, "tokenizer_config.json"))
+    for repo, filename in wanted:
+        if Path(repo).is_dir():  # a local tokenizer beside a hub model
+            continue
+        if not isinstance(try_to_load_from_cache(repo, filename, revision=spec.revision), str):
+            raise RegistryError(
+                f"{registry_path}: models.{spec.name} is the hub model {repo!r}, which is not in the local "
+                f"Hugging Face cache ({filename} missing) and the hub is off (HF_HUB_OFFLINE); download it "
+                f"where the hub is reachable (hf download {repo}) or point path: at a local copy"
             )
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from dlf_plugin.errors import DLFError
 from dlf_plugin.resources import data_root
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -57,7 +58,7 @@ _MODEL_KEYS = {
 _PAIR_KEYS = {"expert", "base", "tasks", "chat_template", "note"}
 
 
-class RegistryError(ValueError):
+class RegistryError(DLFError, ValueError):
     """A registry file, or a choice made from it, is invalid."""
 
 
@@ -187,10 +188,84 @@ def load_registry(value: str | Path | None) -> Registry:
         )
     raw = path.read_bytes()
     try:
-        doc = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise RegistryError(f"registry file {path} is not valid YAML: {exc}") from exc
+        doc = _read_yaml(raw)
+    except _Refused as exc:
+        raise RegistryError(f"{path}: {exc}") from None
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:  # the last three from PyYAML's constructors
+        raise RegistryError(f"registry file {path} is not valid YAML: {exc}") from None
     return _parse(path, hashlib.sha256(raw).hexdigest(), doc)
+
+
+# A registry is a few dozen values; aliases may not expand it beyond this many nodes.
+MAX_EXPANDED_NODES = 10_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML would keep the
+    last one silently; keys brought in by a ``<<`` merge may be overridden, as YAML intends)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = first_seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: PyYAML's own error follows
+                if first is not key_node:
+                    raise _Refused(
+                        f"line {key_node.start_mark.line + 1}: key {_clip(key)} is given twice in one mapping "
+                        f"(first on line {first.start_mark.line + 1}); YAML would silently keep the last one"
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Refused(yaml.YAMLError):
+    """Valid YAML that a registry must not be (a duplicate key, an alias bomb)."""
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """Nodes of the document with every alias expanded, counted without expanding it."""
+    key = id(node)
+    if key not in sizes:
+        sizes[key] = 0  # a recursive alias counts once (PyYAML refuses it when constructing)
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        sizes[key] = 1 + sum(_expanded_size(child, sizes) for child in children)
+        if sizes[key] > MAX_EXPANDED_NODES:
+            raise _Refused(
+                f"its aliases expand to more than {MAX_EXPANDED_NODES:,} values; a registry needs a few dozen"
+            )
+    return sizes[key]
+
+
+def _read_yaml(raw: bytes) -> Any:
+    """The document of a registry file: strict keys, bounded aliases (yaml.YAMLError otherwise)."""
+    loader = _StrictLoader(raw)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {})
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _clip(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a registry value may be huge)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        text = f"<{type(value).__name__} too long to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parse(path: Path, sha256: str, doc: Any) -> Registry:
@@ -228,7 +303,7 @@ def _parse(path: Path, sha256: str, doc: Any) -> Registry:
         path=path,
         sha256=sha256,
         name=name,
-        description=str(doc.get("description") or ""),
+        description=_optional_string(doc.get("description"), where, "description") or "",
         default_device=default_device,
         default_device_map=default_map,
         models=models,
@@ -289,6 +364,7 @@ def _parse_pair(where: str, key: str, spec: Any, models: dict[str, ModelSpec], l
     for role in ("expert", "base"):
         if role not in spec:
             raise RegistryError(f"{where}: {at} is missing required key '{role}'")
+        _string(spec[role], where, f"{at}.{role}")
         if spec[role] not in models:
             raise RegistryError(
                 f"{where}: {at}.{role}: {spec[role]!r} is not a key of models "
@@ -311,8 +387,11 @@ def _parse_pair(where: str, key: str, spec: Any, models: dict[str, ModelSpec], l
 
 
 def _require_mapping(value: Any, where: str, at: str) -> None:
+    """A mapping whose keys are names (non-empty strings)."""
     if not isinstance(value, dict):
         raise RegistryError(f"{where}: {at} must be a mapping, got {type(value).__name__}")
+    for key in value:
+        _string(key, where, f"a key of {at}")
 
 
 def _check_keys(doc: dict, allowed: set[str], where: str, at: str) -> None:
@@ -324,8 +403,8 @@ def _check_keys(doc: dict, allowed: set[str], where: str, at: str) -> None:
 
 
 def _string(value: Any, where: str, at: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise RegistryError(f"{where}: {at} must be a non-empty string, got {value!r}")
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise RegistryError(f"{where}: {at} must be a non-empty string (no NUL), got {_clip(value)}")
     return value
 
 
@@ -335,11 +414,11 @@ def _optional_string(value: Any, where: str, at: str) -> str | None:
 
 def _bool(value: Any, where: str, at: str) -> bool:
     if not isinstance(value, bool):
-        raise RegistryError(f"{where}: {at} must be true or false, got {value!r}")
+        raise RegistryError(f"{where}: {at} must be true or false, got {_clip(value)}")
     return value
 
 
 def _dtype(value: Any, where: str, at: str) -> str:
     if value not in DTYPES:
-        raise RegistryError(f"{where}: {at}: {value!r} is not one of {', '.join(DTYPES)}")
+        raise RegistryError(f"{where}: {at}: {_clip(value)} is not one of {', '.join(DTYPES)}")
     return value

@@ -215,3 +215,42 @@ def test_chat_template_mismatch_is_reported(tmp_path, tiny_world, caplog):
     # Mixing pairs that disagree is refused outright.
     with pytest.raises(RegistryError, match=r"disagree on chat_template"):
         build(write_registry(tmp_path, tiny_world, edit), experts="a1+a2")
+
+
+def _hub_registry(tmp_path, tiny_world, repo: str) -> str:
+    def edit(doc):
+        doc["models"]["expert-a1"] = {"hub": repo, "tokenizer": doc["models"]["small-a"]["path"]}
+
+    return write_registry(tmp_path, tiny_world, edit)
+
+
+def test_offline_hub_model_missing_from_the_cache_fails_at_once(tmp_path, tiny_world, monkeypatch, no_model_loads):
+    """HF_HUB_OFFLINE=1 and a hub model not in the cache: an error naming it, before any
+    tokenizer or model loads (not after transformers' retries)."""
+    import transformers
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("a tokenizer was loaded before the error")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_tokenizer)
+    registry = _hub_registry(tmp_path, tiny_world, "some-org/missing-expert")
+    with pytest.raises(RegistryError, match=r"edited\.yaml: models\.expert-a1 is the hub model 'some-org/missing-expert'.*HF_HUB_OFFLINE"):
+        build(registry, experts="a1")
+    # In the cache (config.json of the main revision), the same registry passes the check
+    # and reaches the tokenizers.
+    snapshot = tmp_path / "hub-cache" / "models--some-org--missing-expert" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    with pytest.raises(AssertionError, match="a tokenizer was loaded"):
+        build(registry, experts="a1")
+    # Online, nothing is checked up front.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(AssertionError, match="a tokenizer was loaded"):
+        build(registry, experts="a1")

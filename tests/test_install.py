@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,27 +137,71 @@ def test_lm_eval_command_runs_dlf_and_records_metadata(regular, tiny_world):
     assert site.is_dir()
 
 
-def test_lm_eval_default_toy_registry_and_hf_model(regular, tiny_world):
-    """The shipped toy registry travels with a regular install; --model hf still works beside dlf."""
+def test_lm_eval_hf_model_beside_dlf(regular, tiny_world):
+    """--model hf still works with dlf installed."""
     kind, python, root = regular
-    toy = run(python, "-m", "lm_eval", "run", "--model", "dlf", "--model_args", "experts=qa+fill",
-              "--tasks", "toy_mc", "--include_path", str(REPO / "tasks"), "--limit", "2", cwd=root)
-    assert toy.returncode == 0, toy.stderr[-3000:]
-    assert "toy_mc" in toy.stdout
     hf = run(python, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={tiny_world['root'] / 'large'}",
              "--device", "cpu", "--tasks", "toy_mc", "--include_path", str(REPO / "tasks"), "--limit", "2", cwd=root)
     assert hf.returncode == 0, hf.stderr[-3000:]
     assert "toy_mc" in hf.stdout
 
 
-def test_bad_input_through_the_command_writes_nothing(regular, tiny_world):
+def readme_toy_blocks() -> list[tuple[str, str]]:
+    """The fenced (language, code) blocks of README "Using it" that use the toy registry."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Using it\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, flags=re.DOTALL)
+    return [(lang, code) for lang, code in blocks if re.search(r"registry=.?toy", code)]
+
+
+def test_readme_toy_commands_run_as_written_from_any_directory(regular, tmp_path):
+    """README "Using it": the toy command and the Python snippet, run as written (after the
+    install line) in an empty directory with a regular install: the bundled tasks resolve,
+    the results folder is named after the fusion, the tables print, no warning repeats."""
+    kind, python, root = regular
+    [(shell, command), (lang, snippet)] = readme_toy_blocks()
+    assert (shell, lang) == ("bash", "python")
+    install, command = command.split("\n", 1)
+    assert install == "pip install ."
+    bin_dir = python.parent
+    shim = bin_dir / "lm_eval"  # dlf is installed alone here; lm-eval's script is the test interpreter's
+    shim.write_text(f"#!/bin/sh\nexec {python} -m lm_eval \"$@\"\n")
+    shim.chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}"}
+    work = tmp_path / "anywhere"
+    work.mkdir()
+    tasks = subprocess.run(["dlf-tasks"], capture_output=True, text=True, env=env, cwd=work, check=True).stdout.strip()
+    assert Path(tasks) == Path(run(python, "-c", "import dlf_plugin; print(dlf_plugin.__file__)", cwd=work).stdout.strip()).parent / "_bundled" / "tasks"
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", command], capture_output=True, text=True, env=env, cwd=work, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("|toy_")}
+    assert set(rows) == {"toy_qa", "toy_fill"} and all("exact_match" in line for line in rows.values())
+    [folder] = (work / "results").iterdir()
+    assert folder.name == "dlf__toy__qa+fill__dlf__route-task"
+    assert len(list(folder.glob("results_*.json"))) == 1
+    warnings = [line.split("] ", 1)[1] for line in done.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == len(set(warnings)), warnings
+    assert not [w for w in warnings if "pretrained" in w or "Custom kwargs" in w], warnings
+    printed = subprocess.run([str(python), "-c", snippet], capture_output=True, text=True, env=env, cwd=work, timeout=300)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    assert re.search(r"^\|toy_qa\s*\|.*\|exact_match\|.*\|\s*\d\.\d+\|", printed.stdout, flags=re.MULTILINE), printed.stdout
+
+
+def test_bad_input_through_the_command_writes_nothing(regular, tiny_world, tmp_path):
+    """A bad registry and a bad solver option through the real command: dlf's message, no
+    traceback (DLF_TRACEBACK=1 brings it back), nothing written."""
     kind, python, root = regular
     out_dir = root / "bad-results"
-    bad = run(python, "-m", "lm_eval", "run", "--model", "dlf",
-              "--model_args", f"registry={tiny_world['registry']},experts=a1,solver=static,weight=-1",
-              "--tasks", "toy_mc", "--include_path", str(REPO / "tasks"), "--output_path", str(out_dir), cwd=root)
+    registry = tmp_path / "bad.yaml"
+    registry.write_text(tiny_world["registry"].read_text().replace("pairs:", "pairs:\n  a9: {expert: nowhere, base: small-a}", 1))
+    common = ["-m", "lm_eval", "run", "--model", "dlf", "--tasks", "toy_mc", "--include_path", str(REPO / "tasks"), "--output_path", str(out_dir)]
+    bad = run(python, *common, "--model_args", f"registry={registry},experts=a1", cwd=root)
     assert bad.returncode != 0
-    assert "model_args weight=-1" in bad.stderr
+    assert f"dlf: error: {registry}: pairs.a9.expert" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    shown = subprocess.run([str(python), *common, "--model_args", f"registry={tiny_world['registry']},experts=a1,solver=static,weight=-1"],
+                           capture_output=True, text=True, cwd=root, env={**ENV, "DLF_TRACEBACK": "1"}, timeout=300)
+    assert shown.returncode != 0
+    assert "Traceback" in shown.stderr and "SolverOptionError: model_args weight=-1" in shown.stderr
     assert not out_dir.exists()
 
 

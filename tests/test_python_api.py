@@ -1,4 +1,4 @@
-"""The Python route: lm_eval.simple_evaluate with a DLFLM instance, and the README's example."""
+"""The Python route: lm_eval.simple_evaluate with a DLFLM instance (the README's snippet itself: tests/test_install.py)."""
 
 from __future__ import annotations
 

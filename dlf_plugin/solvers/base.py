@@ -20,14 +20,15 @@ from typing import Any, ClassVar
 
 import torch
 
+from dlf_plugin.errors import DLFError
 from dlf_plugin.fusion import FusionInputs
 
 
-class SolverError(RuntimeError):
+class SolverError(DLFError, RuntimeError):
     """A solver failed or broke its contract; the message names the solver and its plugin."""
 
 
-class SolverOptionError(ValueError):
+class SolverOptionError(DLFError, ValueError):
     """A solver option from model_args is unknown or invalid."""
 
 

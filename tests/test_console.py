@@ -1,0 +1,67 @@
+"""What a user sees of dlf in-process: results folder names, warnings once and only where
+they apply, dlf's errors without a traceback (the ``lm_eval`` command: tests/test_install.py)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from lm_eval.api.instance import Instance
+from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
+
+from dlf_plugin import console
+from dlf_plugin.lm import DLFLM
+from dlf_plugin.registry import RegistryError
+from dlf_plugin.solvers.base import SolverOptionError
+
+
+def test_results_folder_name_from_registry_experts_and_solver():
+    assert console.results_name("registry=/a/b/paper-v2.yaml,experts=gsm8k-7b+triviaqa-7b,solver=dlf-joint") == "dlf__paper-v2__gsm8k-7b+triviaqa-7b__dlf-joint"
+    assert console.results_name("experts=auto") == "dlf__toy__auto__dlf"
+    assert console.results_name({"registry": "paper", "route": "task", "experts": "a+b"}) == "dlf__paper__a+b__dlf__route-task"
+    assert console.results_name("") == "dlf__toy__base__dlf"
+    # Through lm-eval's tracker: dlf runs only; every other model keeps lm-eval's naming.
+    tracker = GeneralConfigTracker()
+    tracker.log_experiment_args("dlf", "registry=toy,experts=qa+fill,solver=static", None, None, False)
+    assert (tracker.model_name, tracker.model_name_sanitized) == ("dlf__toy__qa+fill__static",) * 2
+    tracker.log_experiment_args("hf", "pretrained=org/model,dtype=float32", None, None, False)
+    assert (tracker.model_name, tracker.model_name_sanitized) == ("org/model", "org__model")
+
+
+def test_each_warning_once_and_none_from_dlfs_own_use_of_hflm(tiny_world, caplog):
+    with caplog.at_level(logging.WARNING):
+        lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1", solver="static", batch_size=1)
+        assert not [r for r in caplog.records if r.name.startswith("lm_eval.models")], [r.getMessage() for r in caplog.records]
+        # Two batches (batch size 1), each with a generation kwarg dlf does not implement.
+        kwargs = {"until": ["\n"], "max_gen_toks": 2, "repetition_penalty": 1.2}
+        lm.generate_until([Instance("generate_until", None, (p, dict(kwargs)), i) for i, p in enumerate(["The river", "A king"])])
+    ignored = [r.getMessage() for r in caplog.records if "ignoring generation kwargs" in r.getMessage()]
+    assert ignored == ["dlf: ignoring generation kwargs it does not implement: repetition_penalty"]
+
+
+def test_lm_evals_metadata_advice_dropped_for_dlfs_tasks_only(caplog):
+    logger = logging.getLogger(console.TASK_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=console.TASK_LOGGER):
+        for task in ("toy_qa", "dlf_gsm8k_offline", "someone_elses_task"):
+            logger.warning(f"{task}: Custom kwargs can be passed to `--metadata` in console (as json string) or to the TaskManager.")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["someone_elses_task"]
+
+
+def test_dlf_errors_print_their_message_without_a_traceback(capsys, monkeypatch):
+    seen = []
+    hook = console._excepthook(lambda *args: seen.append(args[0]))
+    monkeypatch.delenv(console.TRACEBACK_ENV, raising=False)
+    for error in (RegistryError("reg.yaml: pairs.x.expert is missing"), SolverOptionError("model_args weight=-1 ...")):
+        try:
+            raise error
+        except Exception:
+            hook(*sys.exc_info())
+    err = capsys.readouterr().err
+    assert err.count("dlf: error: ") == 2 and "reg.yaml: pairs.x.expert is missing" in err and "Traceback" not in err
+    assert seen == []
+    # Other errors, and dlf's with DLF_TRACEBACK=1, go to the previous hook (Python's traceback).
+    hook(KeyError, KeyError("x"), None)
+    monkeypatch.setenv(console.TRACEBACK_ENV, "1")
+    hook(RegistryError, RegistryError("r"), None)
+    assert seen == [KeyError, RegistryError]
+    assert sys.excepthook.dlf_hook  # installed by importing dlf_plugin.lm
