@@ -9,6 +9,7 @@ positions; generation keeps one KV cache per model.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 from typing import Any
 
@@ -24,6 +25,7 @@ import dlf_plugin
 from dlf_plugin import console, loading
 from dlf_plugin.backends import LocalModel
 from dlf_plugin.engine import DEFAULT_FUSION_MEMORY, FusionEngine, Pair, Sampling
+from dlf_plugin.errors import DLFError
 from dlf_plugin.fusion import FusionInputs, dlf_loss
 from dlf_plugin.registry import DTYPES, RegistryError, load_registry
 from dlf_plugin.solvers.base import make_solver
@@ -157,6 +159,34 @@ class DLFLM(HFLM):
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
         self._chat_template_applied = True
         return super().apply_chat_template(chat_history, add_generation_prompt)
+
+    # -- lm-eval's --use_cache -------------------------------------------------------------
+
+    def set_cache_hook(self, cache_hook) -> None:
+        """lm-eval's ``CachingLM`` hands its cache here before any request: claim it for this
+        configuration, or refuse one filled under another (lm-eval keys cached answers by
+        request alone, so another configuration's answers would come back as this one's)."""
+        db = getattr(cache_hook, "dbdict", None)
+        if db is not None:
+            _claim_cache(db, self.cache_identity())
+        super().set_cache_hook(cache_hook)
+
+    def cache_identity(self) -> dict:
+        """Everything that changes a cached answer: dlf's version, the registry's bytes, each
+        model's source, revision, weights' hash and dtype, the pairs and routing, the solver
+        and its options, and how prompts are cut (max_length, BOS)."""
+        keep = ("source", "resolved_revision", "content_sha256", "dtype")
+        return {
+            "dlf_version": dlf_plugin.__version__,
+            "registry_sha256": self.registry.sha256,
+            "large": self.registry.large,
+            "models": {name: {k: m.provenance.get(k) for k in keep} for name, m in sorted(self.loaded.items())},
+            "pairs": [[p.name, p.expert, p.base] for p in self.pair_specs],
+            "route": "task" if self.routed else "none",
+            "solver": {**self.engine.solver.describe(), "plugin": self.engine.plugin},
+            "max_length": self.max_length,
+            "add_bos_token": self.add_bos_token,
+        }
 
     def _check_prompt_format(self) -> None:
         """Warn once when the run's prompt format is not the one the chosen experts were tuned on."""
@@ -435,6 +465,40 @@ class DLFLM(HFLM):
                 "their DLF loss may exceed dlf-grid's; solver option schedule=adaptive certifies every position", total,
             )
         return {"uncertified_positions": total}
+
+
+# The key under which a --use_cache database records the configuration that filled it
+# (lm-eval's own keys are sha256 hex digests).
+CACHE_IDENTITY_KEY = "dlf:configuration"
+
+
+class CacheMismatch(DLFError, ValueError):
+    """An lm-eval cache was filled under another configuration."""
+
+
+def _claim_cache(db, identity: dict) -> None:
+    """Record ``identity`` in an empty cache; accept a cache recorded with the same one;
+    refuse any other, naming what differs."""
+    mine = json.dumps(identity, sort_keys=True, default=str)
+    where = getattr(db, "filename", "the cache")
+    stored = db.get(CACHE_IDENTITY_KEY)
+    if stored is None:
+        if len(db):
+            raise CacheMismatch(
+                f"--use_cache {where} holds answers from another model or an older dlf (no dlf configuration "
+                "recorded); lm-eval keys cached answers by request alone, so they would be taken for this run's. "
+                "Pass another --use_cache path, or delete that file"
+            )
+        db[CACHE_IDENTITY_KEY] = mine
+        return
+    if stored != mine:
+        theirs = json.loads(stored)
+        differ = sorted(k for k in set(theirs) | set(identity) if json.dumps(theirs.get(k), sort_keys=True, default=str) != json.dumps(identity.get(k), sort_keys=True, default=str))
+        raise CacheMismatch(
+            f"--use_cache {where} was filled by a different dlf configuration (differs in: {', '.join(differ)}); "
+            "lm-eval keys cached answers by request alone, so that configuration's answers would be taken for this "
+            "run's. Pass another --use_cache path per configuration, or delete that file"
+        )
 
 
 def _split_experts(value: Any, available: list[str]) -> list[str]:

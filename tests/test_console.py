@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
 
@@ -65,3 +66,38 @@ def test_dlf_errors_print_their_message_without_a_traceback(capsys, monkeypatch)
     hook(RegistryError, RegistryError("r"), None)
     assert seen == [KeyError, RegistryError]
     assert sys.excepthook.dlf_hook  # installed by importing dlf_plugin.lm
+
+
+def test_a_cache_serves_only_the_configuration_that_filled_it(tiny_world, tmp_path):
+    """lm-eval's CachingLM keys answers by request alone: dlf claims the cache for its
+    configuration and refuses it to any other, in either direction."""
+    from lm_eval.api.model import CachingLM
+
+    from dlf_plugin.lm import CacheMismatch
+
+    registry = str(tiny_world["registry"])
+    static = DLFLM(registry=registry, experts="a1", solver="static", weight=0.5)
+    base = DLFLM(registry=registry, experts="")
+    request = [Instance("loglikelihood", None, ("The river", " Tesh"), 0)]
+    for first, second, differ in ((static, base, "models, pairs, solver"), (base, static, "models, pairs, solver")):
+        path = str(tmp_path / f"{first.engine.solver.name}-{len(first.pair_specs)}.db")
+        [answer] = CachingLM(first, path).loglikelihood(request)
+        assert CachingLM(first, path).loglikelihood(request) == [answer]  # the same configuration: served
+        try:
+            CachingLM(second, path)
+        except CacheMismatch as error:
+            assert f"--use_cache {path} was filled by a different dlf configuration (differs in: {differ})" in str(error)
+        else:
+            raise AssertionError("a cache filled by another configuration was accepted")
+    # Options count: another weight is another configuration.
+    other = DLFLM(registry=registry, experts="a1", solver="static", weight=0.25)
+    with pytest.raises(CacheMismatch, match=r"differs in: solver\)"):
+        CachingLM(other, str(tmp_path / "static-1.db"))
+    # A cache that another model filled (no configuration recorded) is refused too.
+    from sqlitedict import SqliteDict
+
+    foreign = str(tmp_path / "foreign.db")
+    with SqliteDict(foreign, autocommit=True) as db:
+        db["0" * 64] = (-1.0, True)
+    with pytest.raises(CacheMismatch, match="holds answers from another model or an older dlf"):
+        CachingLM(static, foreign)

@@ -136,6 +136,14 @@ def test_lm_eval_command_runs_dlf_and_records_metadata(regular, tiny_world):
     assert json.loads(Path(again).read_text())["results"] == results["results"]
     assert site.is_dir()
 
+    # The same cache for the large base alone: refused, naming what differs; nothing written.
+    written = glob.glob(str(out_dir / "**" / "*"), recursive=True)
+    base_only = [a.replace("experts=a1+b,solver=static,weight=0.5", "experts=") for a in args]
+    third = run(python, *base_only, cwd=root)
+    assert third.returncode != 0
+    assert "was filled by a different dlf configuration (differs in: models, pairs, solver)" in third.stderr, third.stderr[-3000:]
+    assert glob.glob(str(out_dir / "**" / "*"), recursive=True) == written
+
 
 def test_lm_eval_hf_model_beside_dlf(regular, tiny_world):
     """--model hf still works with dlf installed."""
