@@ -98,8 +98,9 @@ class DLFLM(HFLM):
         placements = {s.name: loading.resolve_placement(s, placement, self.registry, device) for s in specs}
         for name, (model_device, _) in placements.items():
             loading.check_device(name, model_device, str(self.registry.path))
-        tokenizers = loading.load_tokenizers(specs)
+        tokenizers = loading.load_tokenizers(specs, self.registry.path)
         loading.check_vocabularies(tokenizers, self.registry.large, self.registry.path)
+        loading.check_output_vocabularies(specs, len(tokenizers[self.registry.large]), self.registry.path)
 
         loaded = {s.name: loading.load_model(s, *placements[s.name], dtype or s.dtype) for s in specs}
         self.loaded = loaded

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
+import json
 import logging
 import os
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from dlf_plugin.backends import ModelFault
 from dlf_plugin.registry import ModelSpec, Registry, RegistryError
 
 logger = logging.getLogger(__name__)
@@ -84,6 +87,50 @@ def check_sources(specs: list[ModelSpec], registry_path: Path) -> None:
                 f"{registry_path}: models.{spec.name}.path {folder} has no .safetensors weights; "
                 "convert the checkpoint, or set allow_pickle: true for this model if you trust it"
             )
+        for weights in sorted(folder.glob("*.safetensors")):
+            problem = safetensors_problem(weights)
+            if problem:
+                raise RegistryError(
+                    f"{registry_path}: models.{spec.name}.path: weight file {weights} {problem}; the checkpoint is "
+                    "corrupt or was copied incompletely: copy it again"
+                )
+        tokenizer = Path(spec.tokenizer)
+        if tokenizer.is_dir() and not any((tokenizer / name).is_file() for name in TOKENIZER_FILES):
+            key = "tokenizer" if spec.tokenizer != spec.location else "path"
+            raise RegistryError(
+                f"{registry_path}: models.{spec.name}.{key} {tokenizer} has no tokenizer files (none of "
+                f"{', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model, or point "
+                f"models.{spec.name}.tokenizer at the folder or hub id that has it"
+            )
+
+
+# Files of which a tokenizer folder has at least one (fast tokenizers, sentencepiece, BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's layout, read from its header alone, or None.
+
+    The format: an 8-byte little-endian header length, a JSON header giving every tensor's
+    byte range, then the data; a complete file ends exactly where its last tensor does.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"has {size} bytes, fewer than the 8 of its header length"
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8:
+            return f"declares a {length}-byte header but has {size} bytes in all"
+        try:
+            header = json.loads(handle.read(length))
+            ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "has a header that is not a safetensors header"
+    expected = 8 + length + max(ends, default=0)
+    if expected != size:
+        return f"has {size} bytes where its header accounts for {expected}"
+    return None
 
 
 # Environment variables that keep huggingface_hub (and transformers) offline.
@@ -116,18 +163,41 @@ def _check_offline_hub(spec: ModelSpec, registry_path: Path) -> None:
             )
 
 
-def load_tokenizers(specs: list[ModelSpec]) -> dict[str, transformers.PreTrainedTokenizerBase]:
+def load_tokenizers(specs: list[ModelSpec], registry_path: Path) -> dict[str, transformers.PreTrainedTokenizerBase]:
     """Each distinct tokenizer location, loaded once."""
     loaded = {}
     for spec in specs:
         key = (spec.tokenizer, spec.revision)
         if key not in loaded:
-            loaded[key] = transformers.AutoTokenizer.from_pretrained(
-                spec.tokenizer,
-                revision=spec.revision,
-                trust_remote_code=spec.trust_remote_code,
-            )
+            try:
+                loaded[key] = transformers.AutoTokenizer.from_pretrained(
+                    spec.tokenizer,
+                    revision=spec.revision,
+                    trust_remote_code=spec.trust_remote_code,
+                )
+            except (OSError, ValueError) as exc:
+                raise RegistryError(
+                    f"{registry_path}: models.{spec.name}: the tokenizer at {spec.tokenizer} could not be loaded: {exc}"
+                ) from exc
     return {spec.name: loaded[(spec.tokenizer, spec.revision)] for spec in specs}
+
+
+def check_output_vocabularies(specs: list[ModelSpec], tokens: int, registry_path: Path) -> None:
+    """Every model's output layer covers the shared tokenizer, read from its config (before
+    any weights load): a smaller head could not score the tokenizer's last ids."""
+    for spec in specs:
+        try:
+            config = transformers.AutoConfig.from_pretrained(spec.location, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"{registry_path}: models.{spec.name}: its config.json could not be read: {exc}") from exc
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        rows = getattr(text, "vocab_size", None)
+        if isinstance(rows, int) and rows < tokens:
+            raise RegistryError(
+                f"{registry_path}: models.{spec.name} ({spec.location}) has an output layer of {rows} rows (config.json "
+                f"vocab_size) but the shared tokenizer has {tokens} tokens; ids {rows} and up could not be scored. Use a "
+                f"checkpoint of this model family's vocabulary, or a tokenizer without the extra tokens (models.<large>.tokenizer)"
+            )
 
 
 def check_vocabularies(
@@ -180,8 +250,28 @@ def load_model(spec: ModelSpec, device: str | None, device_map: str | None, dtyp
     if device_map is None:
         model.to(device)
     model.eval()
+    if spec.check_weights:
+        check_finite_weights(spec, model)
     placed = device if device_map is None else f"device_map={device_map}"
     return LoadedModel(spec=spec, model=model, provenance=provenance(spec, model, placed))
+
+
+def check_finite_weights(spec: ModelSpec, model) -> None:
+    """NaN or infinity in any weight is an error naming the model and the tensor: one pass
+    over the weights, flags gathered on each device and read back once."""
+    names, flags = [], []
+    with torch.no_grad():
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+            if tensor.is_floating_point():
+                names.append(name)
+                flags.append(torch.isfinite(tensor).all().logical_not().to("cpu", non_blocking=True))
+    bad = [name for name, flag in zip(names, torch.stack(flags).tolist() if flags else []) if flag]
+    if bad:
+        raise ModelFault(
+            f"model {spec.name} ({spec.location}): weight tensor(s) {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
+            "hold NaN or infinite values; the checkpoint is broken (check_weights: false in its registry entry skips "
+            "this check)"
+        )
 
 
 def provenance(spec: ModelSpec, model, placed: str) -> dict:

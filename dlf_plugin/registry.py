@@ -23,7 +23,8 @@ A registry file looks like::
 Per model, besides exactly one of ``path``/``hub``/``placeholder``: ``revision``,
 ``tokenizer`` (a path or hub id when the tokenizer lives elsewhere), ``dtype``,
 ``device`` or ``device_map`` (not both), ``allow_pickle`` (default false: only
-safetensors weights load) and ``trust_remote_code`` (default false).
+safetensors weights load), ``trust_remote_code`` (default false) and ``check_weights``
+(default true: every weight is checked for NaN and infinity at load).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ _MODEL_KEYS = {
     "device_map",
     "allow_pickle",
     "trust_remote_code",
+    "check_weights",
     "note",
 }
 _PAIR_KEYS = {"expert", "base", "tasks", "chat_template", "note"}
@@ -79,6 +81,7 @@ class ModelSpec:
         allow_pickle: allow non-safetensors weight files.
         trust_remote_code: pass ``trust_remote_code=True`` to transformers.
         placeholder: why this checkpoint is not available, or None.
+        check_weights: check every weight for NaN and infinity at load (default true).
     """
 
     name: str
@@ -92,6 +95,7 @@ class ModelSpec:
     allow_pickle: bool
     trust_remote_code: bool
     placeholder: str | None
+    check_weights: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +358,7 @@ def _parse_model(path: Path, key: str, spec: Any, default_dtype: str):
         allow_pickle=_bool(spec.get("allow_pickle", False), where, f"{at}.allow_pickle"),
         trust_remote_code=_bool(spec.get("trust_remote_code", False), where, f"{at}.trust_remote_code"),
         placeholder=value if source == "placeholder" else None,
+        check_weights=_bool(spec.get("check_weights", True), where, f"{at}.check_weights"),
     )
 
 

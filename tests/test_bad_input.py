@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 import yaml
 
 from dlf_plugin import loading
@@ -254,3 +255,73 @@ def test_offline_hub_model_missing_from_the_cache_fails_at_once(tmp_path, tiny_w
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(AssertionError, match="a tokenizer was loaded"):
         build(registry, experts="a1")
+
+
+def _copy_model(tmp_path, tiny_world, name: str, as_name: str):
+    folder = tmp_path / as_name
+    shutil.copytree(tiny_world["root"] / name, folder)
+    return folder
+
+
+def _use_folder(tmp_path, tiny_world, model: str, folder) -> str:
+    def edit(doc):
+        doc["models"][model] = {"path": str(folder)}
+
+    return write_registry(tmp_path, tiny_world, edit)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:-100]), r"has (\d+) bytes where its header accounts for (?!\1)\d+"),
+        (lambda f: f.write_bytes((10**9).to_bytes(8, "little") + f.read_bytes()[8:]), r"declares a 1000000000-byte header"),
+        (lambda f: f.write_bytes(f.read_bytes()[:8] + b"{oops" + f.read_bytes()[13:]), r"has a header that is not a safetensors header"),
+        (lambda f: f.write_bytes(b"\x01\x02"), r"has 2 bytes, fewer than the 8"),
+    ],
+)
+def test_corrupt_or_truncated_weights_name_model_key_and_file(tmp_path, tiny_world, no_model_loads, damage, message):
+    folder = _copy_model(tmp_path, tiny_world, "expert-a1", "damaged")
+    damage(folder / "model.safetensors")
+    with pytest.raises(RegistryError, match=rf"edited\.yaml: models\.expert-a1\.path: weight file {folder / 'model.safetensors'} {message}"):
+        build(_use_folder(tmp_path, tiny_world, "expert-a1", folder), experts="a1")
+
+
+def test_model_folder_without_tokenizer_files(tmp_path, tiny_world, no_model_loads):
+    folder = _copy_model(tmp_path, tiny_world, "expert-a1", "no-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(RegistryError, match=rf"models\.expert-a1\.path {folder} has no tokenizer files .*models\.expert-a1\.tokenizer"):
+        build(_use_folder(tmp_path, tiny_world, "expert-a1", folder), experts="a1")
+
+
+def test_output_layer_smaller_than_the_tokenizer_found_before_weights_load(tmp_path, tiny_world, no_model_loads):
+    import json
+
+    folder = _copy_model(tmp_path, tiny_world, "expert-a1", "short-head")
+    config = json.loads((folder / "config.json").read_text())
+    tokens = config["vocab_size"]
+    config["vocab_size"] = tokens - 5
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RegistryError, match=rf"models\.expert-a1 \({folder}\) has an output layer of {tokens - 5} rows .* tokenizer has {tokens} tokens"):
+        build(_use_folder(tmp_path, tiny_world, "expert-a1", folder), experts="a1")
+
+
+def test_nan_weights_found_at_load_unless_the_registry_opts_out(tmp_path, tiny_world):
+    import safetensors.torch
+
+    from dlf_plugin.backends import ModelFault
+
+    folder = _copy_model(tmp_path, tiny_world, "expert-a1", "nan-weights")
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    name = next(n for n in weights if "embed_tokens" in n)
+    weights[name][-1, 0] = float("nan")  # the last token's embedding: no probe or prompt here reads it
+    safetensors.torch.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    registry = _use_folder(tmp_path, tiny_world, "expert-a1", folder)
+    with pytest.raises(ModelFault, match=rf"model expert-a1 \({folder}\): weight tensor\(s\) {name} hold NaN or infinite values"):
+        build(registry, experts="a1")
+
+    def opt_out(doc):
+        doc["models"]["expert-a1"] = {"path": str(folder), "check_weights": False}
+
+    lm = build(write_registry(tmp_path, tiny_world, opt_out), experts="a1")
+    assert torch.isnan(lm.loaded["expert-a1"].model.get_input_embeddings().weight[-1, 0])

@@ -60,7 +60,7 @@ def test_sizes_and_shared_tokenizer(toy):
         model = transformers.AutoModelForCausalLM.from_pretrained(toy.models[name].location)
         params[name] = sum(p.numel() for p in model.parameters())
     assert params["large-base"] >= 4 * params["small-base"]
-    loading.check_vocabularies(loading.load_tokenizers(list(toy.models.values())), toy.large, toy.path)
+    loading.check_vocabularies(loading.load_tokenizers(list(toy.models.values()), toy.path), toy.large, toy.path)
 
 
 def test_registry_pairs_every_seen_task_and_holds_references(toy, world_script):
