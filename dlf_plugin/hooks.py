@@ -60,7 +60,8 @@ def collect_solvers(pm: pluggy.PluginManager) -> dict[str, tuple[type, str]]:
     from dlf_plugin.solvers.base import Solver
 
     found: dict[str, tuple[type, str]] = {}
-    for impl in pm.hook.register_solvers.get_hookimpls():  # registration order: built-ins first
+    impls = pm.hook.register_solvers.get_hookimpls()  # registration order: built-ins first
+    for impl in impls:
         plugin_name = impl.plugin_name
 
         def register(solver_cls, _plugin=plugin_name):
@@ -80,7 +81,10 @@ def collect_solvers(pm: pluggy.PluginManager) -> dict[str, tuple[type, str]]:
                 )
             found[name] = (solver_cls, _plugin)
 
-        impl.function(register=register)
+        # Through the plugin manager (one plugin at a time, so that each registration is
+        # credited to its plugin): pluggy's tracing (DLF_TRACE_HOOKS=1) and monitoring see it.
+        others = [other.plugin for other in impls if other.plugin is not impl.plugin]
+        pm.subset_hook_caller("register_solvers", remove_plugins=others)(register=register)
     return found
 
 

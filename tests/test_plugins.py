@@ -123,12 +123,74 @@ def test_solver_contract_violations_fail_loudly(tiny_world, plugin, answer, mess
         lm.generate_until([Instance("generate_until", None, ("The", {"until": ["\n"], "max_gen_toks": 3}), 0)])
 
 
+def test_a_solver_that_edits_its_inputs_is_stopped(tiny_world, plugin):
+    def answer(inputs):
+        inputs.expert_logits.mul_(2.0)  # would change the fused logits after solving
+        return torch.ones(inputs.base_logits.shape[0], 1)
+
+    plugin("faulty", make_solver_class("bad", answer))
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1", solver="bad")
+    with pytest.raises(SolverError, match=r"solver 'bad' \(plugin 'faulty'\) modified its inputs in place \(expert_logits\)"):
+        lm.loglikelihood(REQUESTS)
+
+
+def test_nan_weights_in_masked_rows_are_errors_too():
+    from dlf_plugin.fusion import FusionInputs
+    from dlf_plugin.solvers.base import checked_solve, explain_bad_weights
+
+    base = torch.randn(3, 10)
+    inputs = FusionInputs(base, torch.randn(3, 1, 10), torch.randn(3, 1, 10), torch.tensor([True, False, True]))
+    solver = make_solver_class("masked-nan", lambda i: torch.tensor([[1.0], [float("nan")], [1.0]]))(["a"])
+    weights, bad = checked_solve(solver, "faulty", inputs)
+    assert int(bad) == 1
+    with pytest.raises(SolverError, match=r"returned 1 weight\(s\) that are NaN"):
+        explain_bad_weights(solver, "faulty", inputs, weights)
+    # Out of bounds in a masked row (a finished sequence) is no error.
+    solver = make_solver_class("masked-big", lambda i: torch.tensor([[1.0], [7.0], [1.0]]))(["a"])
+    assert int(checked_solve(solver, "faulty", inputs)[1]) == 0
+
+
+class NoInit(Solver):
+    name = "no-init"
+
+    def __init__(self, pair_names):
+        self.bounds = (0.0, 1.0)
+
+    def solve(self, inputs):
+        return torch.zeros(inputs.base_logits.shape[0], len(self.pair_names))
+
+
+class NanBounds(NoInit):
+    name = "nan-bounds"
+
+    def __init__(self, pair_names):
+        Solver.__init__(self, pair_names)
+        self.bounds = (0.0, float("nan"))
+
+
+@pytest.mark.parametrize(
+    "cls,message",
+    [
+        (NoInit, r"solver 'no-init' \(plugin 'faulty'\): NoInit.__init__ never called Solver.__init__"),
+        (NanBounds, r"solver 'nan-bounds' \(plugin 'faulty'\): bounds must be numbers with low <= high, got \(0.0, nan\)"),
+    ],
+)
+def test_a_solver_that_starts_broken_is_refused_before_models_load(tiny_world, plugin, monkeypatch, cls, message):
+    from dlf_plugin import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model loaded before the error"))
+    plugin("faulty", cls)
+    with pytest.raises(SolverError, match=message):
+        DLFLM(registry=str(tiny_world["registry"]), experts="a1", solver=cls.name)
+
+
 @pytest.mark.parametrize(
     "solver,options,message",
     [
         ("dlf", {"alpha_max": "-1"}, r"alpha_max='-1' \(solver 'dlf'\) must be a finite number in \[0.0, 100.0\]"),
         ("dlf", {"alpha_min": 1.5, "alpha_max": 1.0}, r"alpha_max=1.0 \(solver 'dlf'\) must exceed alpha_min=1.5"),
         ("dlf-grid", {"step": "fine"}, r"step='fine' \(solver 'dlf-grid'\) is not a number"),
+        ("dlf-grid", {"step": "1e-6"}, r"alpha_max=2.0, step='1e-6' \(solver 'dlf-grid'\) make a grid of 2,000,001 points.*at most 1,000"),
         ("dlf-joint", {"weight": 1.0}, r"unknown key\(s\) weight; .*solver 'dlf-joint' accepts alpha_min, alpha_max, max_iter, tol"),
     ],
 )
@@ -153,9 +215,10 @@ def test_hook_tracing_env_var(monkeypatch, caplog):
     hooks.reset()
     try:
         with caplog.at_level(logging.INFO, logger="dlf_plugin.hooks"):
-            pm = hooks.get_plugin_manager()
-            pm.hook.register_solvers(register=lambda cls: None)
-        assert any("register_solvers" in r.getMessage() for r in caplog.records)
+            hooks.get_solvers()  # what a real run does
+        calls = [r.getMessage() for r in caplog.records if r.getMessage().strip().startswith("register_solvers [hook]")]
+        implementing = hooks.get_plugin_manager().hook.register_solvers.get_hookimpls()
+        assert len(calls) == len(implementing) >= 1  # one traced call per plugin
     finally:
         hooks.reset()
 

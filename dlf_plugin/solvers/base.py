@@ -116,11 +116,27 @@ def make_solver(
             f"{', '.join(accepted) or 'no options'} (plugin {plugin!r})"
         )
     try:
-        return cls(pair_names, **options), plugin
+        solver = cls(pair_names, **options)
     except SolverOptionError:
         raise
     except Exception as exc:
         raise SolverError(f"solver {name!r} (plugin {plugin!r}) failed to start: {exc!r}") from exc
+    _check_started(solver, name, plugin)
+    return solver, plugin
+
+
+def _check_started(solver: Solver, name: str, plugin: str) -> None:
+    """A solver must have run ``Solver.__init__`` and hold bounds that are numbers, low <= high."""
+    where = f"solver {name!r} (plugin {plugin!r})"
+    if not hasattr(solver, "pair_names"):
+        raise SolverError(f"{where}: {type(solver).__name__}.__init__ never called Solver.__init__ (add super().__init__(pair_names))")
+    bounds = getattr(solver, "bounds", None)
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise SolverError(f"{where}: bounds must be two numbers (low, high), got {bounds!r}") from None
+    if math.isnan(low) or math.isnan(high) or low > high:
+        raise SolverError(f"{where}: bounds must be numbers with low <= high, got {bounds!r}")
 
 
 def checked_solve(solver: Solver, plugin: str, inputs: FusionInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +150,17 @@ def checked_solve(solver: Solver, plugin: str, inputs: FusionInputs) -> tuple[to
         The weights ``[N, P]`` and the count of bad weights (a 0-dim long tensor).
     """
     where = _where(solver, plugin)
+    versions = _versions(inputs)
     try:
         weights = solver.solve(inputs)
     except Exception as exc:
         raise SolverError(f"{where} raised {exc!r}") from exc
+    changed = [name for name, before in versions.items() if _version(getattr(inputs, name)) != before]
+    if changed:
+        raise SolverError(
+            f"{where} modified its inputs in place ({', '.join(changed)}); a solver must leave them as given "
+            "(the engine fuses with them after solving): work on a copy"
+        )
     rows, pairs = inputs.base_logits.shape[0], inputs.expert_logits.shape[1]
     if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (rows, pairs):
         shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
@@ -157,10 +180,28 @@ def explain_bad_weights(solver: Solver, plugin: str, inputs: FusionInputs, weigh
 
 
 def _bad_weights(solver: Solver, inputs: FusionInputs, weights: torch.Tensor) -> torch.Tensor:
-    """``[N, P]`` bool: weights of masked-in rows that are NaN, infinite or out of bounds."""
+    """``[N, P]`` bool: weights that are NaN or infinite (in any row: masked rows are fused
+    too), or out of bounds in masked-in rows."""
     low, high = solver.bounds
-    bad = ~torch.isfinite(weights) | (weights < low) | (weights > high)
-    return bad & inputs.row_mask.unsqueeze(-1)
+    outside = ((weights < low) | (weights > high)) & inputs.row_mask.unsqueeze(-1)
+    return ~torch.isfinite(weights) | outside
+
+
+INPUT_TENSORS = ("base_logits", "small_logits", "expert_logits", "row_mask")
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place modification counter (None for inference-mode tensors, which keep none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def _versions(inputs: FusionInputs) -> dict[str, int]:
+    """The modification counters of the inputs a solver gets, where torch keeps them."""
+    versions = {name: _version(getattr(inputs, name)) for name in INPUT_TENSORS}
+    return {name: v for name, v in versions.items() if v is not None}
 
 
 def _where(solver: Solver, plugin: str) -> str:

@@ -139,6 +139,10 @@ def _one_hot_weights(t: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(t).scatter(-1, best, t.gather(-1, best))
 
 
+# dlf-grid's points at most: each costs a pass over the vocabulary per pair and position.
+MAX_GRID_POINTS = 1000
+
+
 class GridSolver(_WorkspaceSolver):
     """``dlf-grid``: the paper as written.
 
@@ -156,6 +160,12 @@ class GridSolver(_WorkspaceSolver):
         self.workspace = Workspace()
         self.alpha_max = number_option(self.name, "alpha_max", alpha_max, 0.0, 100.0)
         self.step = number_option(self.name, "step", step, 1e-6, 100.0)
+        if self.alpha_max / self.step > MAX_GRID_POINTS:
+            raise SolverOptionError(
+                f"model_args alpha_max={alpha_max!r}, step={step!r} (solver {self.name!r}) make a grid of "
+                f"{int(self.alpha_max / self.step) + 1:,} points, each a pass over the vocabulary per pair and "
+                f"position; at most {MAX_GRID_POINTS:,} (the paper's grid has 21)"
+            )
         self.grid = self.points(self.alpha_max, self.step)
         self.bounds = (0.0, self.grid[-1])
         self.passes = 0  # softmax evaluations over the full vocabulary, per row
