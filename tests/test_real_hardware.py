@@ -4,6 +4,8 @@ models, no device syncs in a decoding step, and NaN logits that stop the run."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -188,8 +190,15 @@ def test_nan_weights_in_any_model_stop_the_run_at_load_naming_it(tiny_world, tmp
             with torch.no_grad():
                 model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
 
+    registry = variant(tiny_world, tmp_path, poison)
+    with pytest.raises(ModelFault, match=rf"model {broken} \(.*\): weight tensor\(s\) model.layers.0.mlp.down_proj.weight hold NaN"):
+        DLFLM(registry=registry, experts="a1", solver="dlf", batch_size="2")
+    # With the weight check off (check_weights: false), the probe through each head still finds it.
+    doc = yaml.safe_load(Path(registry).read_text())
+    doc["models"][broken]["check_weights"] = False
+    Path(registry).write_text(yaml.safe_dump(doc))
     with pytest.raises(ModelFault, match=rf"model\(s\) {broken} gave NaN or infinite logits on a \d+-token probe at load"):
-        DLFLM(registry=variant(tiny_world, tmp_path, poison), experts="a1", solver="dlf", batch_size="2")
+        DLFLM(registry=registry, experts="a1", solver="dlf", batch_size="2")
 
 
 @pytest.mark.parametrize("broken", ["large", "small-b", "expert-a1"])
