@@ -12,6 +12,8 @@ the warnings that apply, dlf's errors as their message, and where the bundled ta
 - A dlf error (``DLFError``: a bad registry, model_args, solver option, plugin, or a model
   giving NaN) that nothing catches prints ``dlf: error: <message>`` without a traceback;
   ``DLF_TRACEBACK=1`` brings the traceback back.
+- lm-eval logs a warning and carries on (exit status 0) when it cannot write a results or
+  samples file; for dlf runs that is an error, and the partly written file is removed.
 
 Everything here is installed by ``install()`` when ``dlf_plugin.lm`` is imported (that is,
 when the ``dlf`` model is asked for), and changes nothing for other models.
@@ -35,6 +37,13 @@ MODEL_NAME = "dlf"
 # lm-eval's loggers whose messages dlf drops where they do not apply.
 HFLM_LOGGER = "lm_eval.models.huggingface"
 TASK_LOGGER = "lm_eval.api.task"
+TRACKER_LOGGER = "lm_eval.loggers.evaluation_tracker"
+# What lm-eval logs when it swallows a failed write, for each method that writes.
+SAVE_FAILURES = {"save_results_aggregated": "Could not save results aggregated", "save_results_samples": "Could not save sample results"}
+
+
+class ResultsNotWritten(DLFError, OSError):
+    """A results or samples file could not be written completely."""
 HFLM_PRELOADED = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model through `pretrained`")
 METADATA_ADVICE = ": Custom kwargs can be passed to `--metadata`"
 
@@ -82,6 +91,63 @@ def _name_dlf_runs() -> None:
 
     log_experiment_args.dlf_names_runs = True
     GeneralConfigTracker.log_experiment_args = log_experiment_args
+
+
+def _output_folder(tracker) -> Path | None:
+    """Where lm-eval writes a run's results and samples files."""
+    if not tracker.output_path:
+        return None
+    path = Path(tracker.output_path)
+    return path.parent if path.suffix == ".json" else path / str(tracker.general_config_tracker.model_name_sanitized)
+
+
+def _files(folder: Path | None) -> set[Path]:
+    return set(folder.iterdir()) if folder is not None and folder.is_dir() else set()
+
+
+class _RaiseOnFailedSave(logging.Filter):
+    """Raises, from inside lm-eval's ``except`` block, when it logs that a save failed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() == self.message:
+            error = sys.exc_info()[1]
+            raise ResultsNotWritten(f"lm-eval could not write a results file: {error!r}") from error
+        return True
+
+
+def _results_must_be_written() -> None:
+    """For ``--model dlf`` runs, a failed results or samples write stops the run."""
+    from lm_eval.loggers.evaluation_tracker import EvaluationTracker
+
+    for method, message in SAVE_FAILURES.items():
+        original = getattr(EvaluationTracker, method)
+        if getattr(original, "dlf_checks_writes", False):
+            continue
+
+        @functools.wraps(original)
+        def save(self, *args, _original=original, _message=message, **kwargs):
+            if self.general_config_tracker.model_source != MODEL_NAME:
+                return _original(self, *args, **kwargs)
+            folder = _output_folder(self)
+            before = _files(folder)
+            logger = logging.getLogger(TRACKER_LOGGER)
+            guard = _RaiseOnFailedSave(_message)
+            logger.addFilter(guard)
+            try:
+                return _original(self, *args, **kwargs)
+            except ResultsNotWritten:
+                for partial in _files(folder) - before:
+                    partial.unlink()
+                raise
+            finally:
+                logger.removeFilter(guard)
+
+        save.dlf_checks_writes = True
+        setattr(EvaluationTracker, method, save)
 
 
 class _Drop(logging.Filter):
@@ -132,9 +198,10 @@ def _excepthook(previous):
 
 
 def install() -> None:
-    """Name dlf's results folders, drop the warnings that do not apply, print dlf's errors
-    without a traceback (idempotent)."""
+    """Name dlf's results folders, make failed results writes errors, drop the warnings that
+    do not apply, print dlf's errors without a traceback (idempotent)."""
     _name_dlf_runs()
+    _results_must_be_written()
     task_logger = logging.getLogger(TASK_LOGGER)
     if not any(isinstance(f, _Drop) for f in task_logger.filters):
         task_logger.addFilter(_Drop(_is_metadata_advice))

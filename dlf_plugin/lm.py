@@ -22,7 +22,7 @@ from accelerate import find_executable_batch_size
 from tqdm import tqdm
 
 import dlf_plugin
-from dlf_plugin import console, loading
+from dlf_plugin import arguments, console, loading
 from dlf_plugin.backends import LocalModel
 from dlf_plugin.engine import DEFAULT_FUSION_MEMORY, FusionEngine, Pair, Sampling
 from dlf_plugin.errors import DLFError
@@ -85,13 +85,16 @@ class DLFLM(HFLM):
             raise RegistryError(f"model_args route={route!r} is not one of {', '.join(ROUTES)}")
         self.routed = experts == "auto" or route == "task"
         experts = "all" if experts == "auto" else experts
-        names = _split_experts(experts, list(self.registry.pairs))
+        names = arguments.split_experts(experts, list(self.registry.pairs))
         pair_specs = self.registry.select(names)
         solver_obj, plugin = make_solver(str(solver), [p.name for p in pair_specs], kwargs, DLF_ARGS + PASSED_TO_HFLM)
         self._solver_args = (str(solver), kwargs)
         if dtype is not None and dtype not in DTYPES:
             raise RegistryError(f"model_args dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-        memory = _positive_int("fusion_memory", fusion_memory) * 1024**2
+        memory = arguments.positive_int("fusion_memory", fusion_memory) * 1024**2
+        arguments.check_hflm_args(hflm_args)
+        arguments.check_placement(placement)
+        arguments.check_trace_path(trace)
 
         specs = self.registry.models_for(pair_specs)
         loading.check_sources(specs, self.registry.path)
@@ -205,14 +208,17 @@ class DLFLM(HFLM):
             )
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
+        arguments.check_loglikelihood_requests(requests)
         self._check_prompt_format()
         return self._routed(requests, lambda group: super(DLFLM, self).loglikelihood(group, disable_tqdm=disable_tqdm))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        arguments.check_rolling_requests(requests)
         self._check_prompt_format()
         return self._routed(requests, lambda group: super(DLFLM, self).loglikelihood_rolling(group, disable_tqdm=disable_tqdm))
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        arguments.check_generation_requests(requests)
         self._check_prompt_format()
         return self._routed(requests, lambda group: super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm))
 
@@ -502,14 +508,6 @@ def _claim_cache(db, identity: dict) -> None:
         )
 
 
-def _split_experts(value: Any, available: list[str]) -> list[str]:
-    if value is None or value == "":
-        return []
-    if value == "all":
-        return available
-    return [name.strip() for name in str(value).split("+") if name.strip()]
-
-
 def _reject_device(args: dict) -> None:
     if "device" in args:
         raise RegistryError(
@@ -529,20 +527,8 @@ def _sampling(kwargs: dict, warned: set[str]) -> Sampling:
     temperature = float(kwargs.get("temperature") or 0.0)
     do_sample = bool(kwargs.get("do_sample", False)) and temperature > 0
     top_p = float(kwargs.get("top_p") if kwargs.get("top_p") is not None else 1.0)
-    top_k = int(kwargs.get("top_k") or 0)
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"gen_kwargs top_p={top_p} must be in (0, 1]")
+    top_k = int(kwargs.get("top_k") or 0)  # values checked with the requests (arguments.py)
     return Sampling(do_sample=do_sample, temperature=temperature if do_sample else 1.0, top_p=top_p, top_k=top_k)
-
-
-def _positive_int(key: str, value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if number <= 0 or str(number) != str(value).strip():
-        raise RegistryError(f"model_args {key}={value!r} must be a positive whole number")
-    return number
 
 
 def _version(package: str) -> str | None:

@@ -325,3 +325,60 @@ def test_nan_weights_found_at_load_unless_the_registry_opts_out(tmp_path, tiny_w
 
     lm = build(write_registry(tmp_path, tiny_world, opt_out), experts="a1")
     assert torch.isnan(lm.loaded["expert-a1"].model.get_input_embeddings().weight[-1, 0])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ({"batch_size": "abc"}, r"model_args batch_size='abc' must be a positive whole number"),
+        ({"batch_size": 0}, r"model_args batch_size=0 must be a positive whole number"),
+        ({"batch_size": "auto:x"}, r"batch_size \(the N of auto:N\)='x'"),
+        ({"max_batch_size": "x"}, r"model_args max_batch_size='x'"),
+        ({"max_length": -5}, r"model_args max_length=-5 must be a positive whole number"),
+        ({"placement": "gpu9"}, r"model_args placement='gpu9' is not a device"),
+        ({"add_bos_token": "maybe"}, r"model_args add_bos_token='maybe' must be True or False"),
+        ({"logits_cache": "no"}, r"model_args logits_cache='no' must be True or False"),
+        ({"prefix_token_id": "abc"}, r"model_args prefix_token_id='abc' must be a token id"),
+        ({"experts": "a1++a2"}, r"model_args experts='a1\+\+a2' has an empty pair name"),
+        ({"experts": "+"}, r"model_args experts='\+' has an empty pair name"),
+        ({"experts": "a1+a1"}, r"model_args experts: 'a1' is given twice"),
+    ],
+)
+def test_model_args_checked_before_models_load(tiny_world, no_model_loads, args, message):
+    kwargs = {"experts": "a1", **args}
+    with pytest.raises(RegistryError, match=message):
+        build(str(tiny_world["registry"]), **kwargs)
+
+
+def test_trace_path_that_cannot_be_written(tmp_path, tiny_world, no_model_loads):
+    with pytest.raises(RegistryError, match=rf"model_args trace='{tmp_path}' is a directory"):
+        build(str(tiny_world["registry"]), experts="a1", trace=str(tmp_path))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(RegistryError, match=rf"model_args trace='{blocker}/t.jsonl': {blocker} is not a writable folder"):
+        build(str(tiny_world["registry"]), experts="a1", trace=str(blocker / "t.jsonl"))
+
+
+def test_requests_that_cannot_run_are_named_before_any_runs(tiny_world):
+    from lm_eval.api.instance import Instance
+
+    from dlf_plugin.arguments import RequestError
+
+    lm = build(str(tiny_world["registry"]), experts="a1", solver="static")
+    good = Instance("loglikelihood", None, ("The river", " Tesh"), 0, metadata=("toy_qa", 3, 1))
+    empty = Instance("loglikelihood", None, ("", ""), 1, metadata=("toy_qa", 5, 1))
+    calls = []
+    lm._loglikelihood_tokens = lambda *a, **k: calls.append(a)  # nothing may run before the error
+    with pytest.raises(RequestError, match=r"request 1 \(task toy_qa, doc_id 5\): the continuation is empty"):
+        lm.loglikelihood([good, empty])
+    assert calls == []
+    for kwargs, message in [
+        ({"max_gen_toks": -1}, r"gen_kwargs max_gen_toks=-1 must be at least 1"),
+        ({"max_gen_toks": "many"}, r"gen_kwargs max_gen_toks='many' must be a whole number"),
+        ({"until": [1, 2]}, r"gen_kwargs until=\[1, 2\] must be a string or a list of strings"),
+        ({"top_p": 0.0}, r"gen_kwargs top_p=0.0 must be in \(0, 1\]"),
+        ({"temperature": -1}, r"gen_kwargs temperature=-1 must be at least 0.0"),
+    ]:
+        request = Instance("generate_until", None, ("The", kwargs), 0, metadata=("toy_gen", 9, 1))
+        with pytest.raises(RequestError, match=rf"request 0 \(task toy_gen, doc_id 9\): {message}"):
+            lm.generate_until([request])

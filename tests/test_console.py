@@ -101,3 +101,34 @@ def test_a_cache_serves_only_the_configuration_that_filled_it(tiny_world, tmp_pa
         db["0" * 64] = (-1.0, True)
     with pytest.raises(CacheMismatch, match="holds answers from another model or an older dlf"):
         CachingLM(static, foreign)
+
+
+def test_a_results_file_that_cannot_be_written_completely_stops_the_run(tmp_path):
+    """lm-eval logs a failed write and exits 0; for dlf runs it is an error and no partial
+    file stays. The write is cut short by a file size limit (as a full disk would)."""
+    import resource
+    import signal
+
+    from lm_eval.loggers.evaluation_tracker import EvaluationTracker
+
+    results = {"results": {"toy_qa": {"exact_match,strip": 0.5}}, "config": {"padding": "x" * 200_000}}
+
+    def save(model_source):
+        tracker = EvaluationTracker(output_path=str(tmp_path / model_source))
+        tracker.general_config_tracker.log_experiment_args(model_source, "experts=qa", None, None, False)
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, limits[1]))
+        try:
+            tracker.save_results_aggregated(results=dict(results), samples=None)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, handler)
+        return list((tmp_path / model_source).rglob("results_*.json"))
+
+    with pytest.raises(console.ResultsNotWritten, match=r"lm-eval could not write a results file: OSError\(27, 'File too large'\)"):
+        save("dlf")
+    assert list((tmp_path / "dlf").rglob("results_*.json")) == []
+    # Another model keeps lm-eval's behaviour: a warning and a partial file (what dlf prevents).
+    [partial] = save("hf")
+    assert 0 < partial.stat().st_size <= 50_000
