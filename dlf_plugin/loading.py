@@ -257,15 +257,19 @@ def load_model(spec: ModelSpec, device: str | None, device_map: str | None, dtyp
 
 
 def check_finite_weights(spec: ModelSpec, model) -> None:
-    """NaN or infinity in any weight is an error naming the model and the tensor: one pass
-    over the weights, flags gathered on each device and read back once."""
-    names, flags = [], []
+    """NaN or infinity in any weight is an error naming the model and the tensor.
+
+    One read of the weights: each tensor's float32 sum, which NaN or infinity makes
+    non-finite (summed on its device, all sums read back at once); a tensor whose sum
+    overflowed without either is then checked element by element.
+    """
+    tensors = {name: t for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_floating_point()}
+    if not tensors:
+        return
     with torch.no_grad():
-        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-            if tensor.is_floating_point():
-                names.append(name)
-                flags.append(torch.isfinite(tensor).all().logical_not().to("cpu", non_blocking=True))
-    bad = [name for name, flag in zip(names, torch.stack(flags).tolist() if flags else []) if flag]
+        sums = torch.stack([t.sum(dtype=torch.float32).cpu() for t in tensors.values()])
+        suspects = [name for name, ok in zip(tensors, torch.isfinite(sums).tolist()) if not ok]
+        bad = [name for name in suspects if not bool(torch.isfinite(tensors[name]).all())]
     if bad:
         raise ModelFault(
             f"model {spec.name} ({spec.location}): weight tensor(s) {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "

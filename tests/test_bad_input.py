@@ -382,3 +382,20 @@ def test_requests_that_cannot_run_are_named_before_any_runs(tiny_world):
         request = Instance("generate_until", None, ("The", kwargs), 0, metadata=("toy_gen", 9, 1))
         with pytest.raises(RequestError, match=rf"request 0 \(task toy_gen, doc_id 9\): {message}"):
             lm.generate_until([request])
+
+
+def test_weight_check_tells_overflowing_sums_from_nan():
+    """The check sums each tensor first; a sum that overflows on finite weights is not an error."""
+    from types import SimpleNamespace
+
+    from dlf_plugin.backends import ModelFault
+
+    spec = SimpleNamespace(name="m", location="/m")
+    layer = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.fill_(3e38)  # finite; the float32 sum is inf
+    loading.check_finite_weights(spec, layer)
+    with torch.no_grad():
+        layer.bias[1] = float("-inf")
+    with pytest.raises(ModelFault, match=r"model m \(/m\): weight tensor\(s\) bias hold NaN"):
+        loading.check_finite_weights(spec, layer)
