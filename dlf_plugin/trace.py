@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
+
+from dlf_plugin.errors import DLFError
+
+
+class TraceNotWritten(DLFError, OSError):
+    """The trace file could not be written completely."""
 
 
 class TraceWriter:
@@ -40,20 +47,29 @@ class TraceWriter:
         request's first line)."""
         weights = weights.tolist()
         losses = losses.tolist() if losses is not None else [0.0] * len(weights)
-        with self.path.open("a") as handle:
-            for row, (request, position, token) in enumerate(zip(requests, positions, tokens)):
-                record = {
-                    "kind": kind,
-                    "request": request,
-                    "position": position,
-                    "token": token,
-                    "text": self.decode([token]),
-                    "weights": dict(zip(pairs, weights[row])),
-                    "loss": losses[row],
-                }
-                if prompts is not None and prompts[row] is not None:
-                    record["prompt"] = prompts[row]
-                handle.write(json.dumps(record) + "\n")
+        lines = []
+        for row, (request, position, token) in enumerate(zip(requests, positions, tokens)):
+            record = {
+                "kind": kind,
+                "request": request,
+                "position": position,
+                "token": token,
+                "text": self.decode([token]),
+                "weights": dict(zip(pairs, weights[row])),
+                "loss": losses[row],
+            }
+            if prompts is not None and prompts[row] is not None:
+                record["prompt"] = prompts[row]
+            lines.append(json.dumps(record) + "\n")
+        data = memoryview("".join(lines).encode())
+        with self.path.open("ab", buffering=0) as handle:
+            start = handle.tell()
+            try:
+                while data:
+                    data = data[handle.write(data):]
+            except OSError as exc:  # no half-written batch: cut the file back, then stop
+                os.ftruncate(handle.fileno(), start)
+                raise TraceNotWritten(f"model_args trace={str(self.path)!r}: the trace could not be written ({exc!r})") from exc
 
 
 def read(path: str | Path) -> list[dict]:

@@ -79,3 +79,29 @@ def test_plot_command_renders_the_weights(tiny_world, tmp_path):
     assert float(image[..., :3].std()) > 0.05  # not blank
     with pytest.raises(SystemExit, match=r"no generate trace for request 5; requests in the file: \[0\]"):
         trace_module.main([str(path), "--request", "5", "--out", str(out)])
+
+
+def test_a_trace_that_cannot_be_written_completely_stops_the_run(tiny_world, tmp_path):
+    """A write cut short (a file size limit, as a full disk) is an error, and the file keeps
+    only the whole lines of the steps written before."""
+    import json
+    import resource
+    import signal
+
+    path = tmp_path / "trace.jsonl"
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="static", trace=str(path), batch_size=1)
+    requests = [Instance("generate_until", None, (p, {"until": [], "max_gen_toks": 12}), i) for i, p in enumerate(PROMPTS)]
+    lm.generate_until(requests[:1])
+    first = path.read_text()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(first.encode()) + 300, limits[1]))  # room for part of the next batch only
+    try:
+        with pytest.raises(trace_module.TraceNotWritten, match=rf"model_args trace='{path}': the trace could not be written \(OSError\(27"):
+            lm.generate_until(requests[1:])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    text = path.read_text()
+    assert text.startswith(first) and text.endswith("\n") and len(text.encode()) <= len(first.encode()) + 300
+    assert all(json.loads(line) for line in text.splitlines())  # whole lines only: no line cut short
