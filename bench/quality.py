@@ -1,6 +1,9 @@
 """The paper's Table 1 and Table 2 in miniature, on the toy world, run through lm-eval.
 
-    python bench/quality.py [--limit N] [--batch-size 32]
+    python bench/quality.py [--split test|dev] [--limit N] [--batch-size 32]
+
+Reports the test kingdoms (tasks toy_*), which no design decision looks at; ``--split dev``
+runs the dev kingdoms (tasks toy_*_dev), on which every decision is measured.
 
 Table 1 (single task): on each seen task, the large base, the large base fine-tuned on
 that task (the reference fusion tries to reach), the small expert alone, and the large
@@ -95,15 +98,19 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--solvers", default=None, help="solvers joined by + (default: every registered one)")
+    ap.add_argument("--split", choices=["test", "dev"], default="test")
     args = ap.parse_args()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     start = time.time()
 
     registry = load_registry("toy")
     manager = TaskManager(include_path=str(TASKS_DIR))
-    pairs = {name: spec.tasks[0] for name, spec in registry.pairs.items()}  # pair -> its seen task
+    suffix = "_dev" if args.split == "dev" else ""
+    pairs = {name: spec.tasks[0] + suffix for name, spec in registry.pairs.items()}  # pair -> its seen task
+    assert all(task in registry.pairs[pair].tasks for pair, task in pairs.items())
     seen = list(pairs.values())
-    every = seen + [UNSEEN]
+    every = seen + [UNSEEN + suffix]
+    print(f"split: {args.split} ({', '.join(every)})")
     path = {name: Path(spec.location) for name, spec in registry.models.items()}
     solvers = args.solvers.split("+") if args.solvers else list(hooks.get_solvers())
     default = "dlf"
@@ -130,6 +137,9 @@ def main() -> None:
     for solver in solvers:
         lm = DLFLM(registry="toy", experts="all", solver=solver, batch_size=bs)
         t2[f"fused: {solver}"] = score(lm, every, manager, args.limit)
+    # No task labels: each request fused with the pair its prompt points to (route=prompt).
+    routed = DLFLM(registry="toy", experts="all", route="prompt", solver=default, batch_size=bs)
+    t2[f"fused: {default}, route=prompt"] = score(routed, every, manager, args.limit)
     print_table(f"Table 2: multi-task (all {len(pairs)} pairs; {UNSEEN} is unseen by every expert)", every, t2)
     print()
     fused1 = [k for k in t1 if k.startswith("fused")]
@@ -137,12 +147,25 @@ def main() -> None:
     gap_lines("single task", t1, seen, "large base", "large fine-tuned", fused1)
     gap_lines("multi-task, seen tasks", t2, seen, "large base", "large fine-tuned (mix)", fused2)
     gap_lines("multi-task, all tasks", t2, every, "large base", "large fine-tuned (mix)", fused2)
+    print("\nroute=prompt sent each task's requests to:", {t: routed.routes.get(t) for t in every})
     print(f"\n({time.time() - start:.0f}s)")
     fused = t1[f"fused: {default}"]
     for task in seen:
         m = min(margin(fused[task], t1[other][task]) for other in ("large base", "small expert"))
-        print(f"target {default}_beats_base_and_expert_{task}: {m:.2f} standard errors "
-              f"(goal > 2) {'PASS' if m > 2 else 'FAIL'}")
+        target(f"{default}_beats_base_and_expert_{task}", m, "standard errors", ">", 2)
+    for task in seen:
+        target(f"{default}_not_below_static_{task}", margin(fused[task], t1["fused: static"][task]), "standard errors", ">", -1)
+    gain = average(fused, seen) - average(t1["fused: static"], seen)
+    target(f"{default}_average_above_static", 100 * gain, "points", ">", 0)
+    multi = average(t2[f"fused: {default}, route=prompt"], seen) / average(fused, seen)
+    target("multitask_vs_single_task", multi, "(route=prompt, no task labels; Table 2 seen-task average / Table 1)", ">=", 0.75)
+    unseen = every[-1]
+    target("unseen_not_below_base", margin(t2[f"fused: {default}, route=prompt"][unseen], t2["large base"][unseen]), f"standard errors ({unseen}, route=prompt)", ">", -1)
+
+
+def target(name: str, value: float, unit: str, op: str, goal: float) -> None:
+    ok = value >= goal if op == ">=" else value > goal
+    print(f"target {name}: {value:.3f} {unit} (goal {op} {goal}) {'PASS' if ok else 'FAIL'}")
 
 
 if __name__ == "__main__":

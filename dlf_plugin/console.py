@@ -60,7 +60,7 @@ def tasks_main() -> None:
 
 def results_name(model_args) -> str:
     """The results folder name of a dlf run: ``dlf__<registry>__<experts>__<solver>``, plus
-    ``__route-task`` when asked for explicitly; ``base`` when no expert is fused."""
+    ``__route-task`` or ``__route-prompt`` when asked for; ``base`` when no expert is fused."""
     from lm_eval.utils import simple_parse_args_string
 
     args = simple_parse_args_string(model_args) if isinstance(model_args, str) else dict(model_args or {})
@@ -68,8 +68,8 @@ def results_name(model_args) -> str:
     if registry.endswith((".yaml", ".yml")):
         registry = Path(registry).stem
     parts = [MODEL_NAME, registry, str(args.get("experts") or "base"), str(args.get("solver") or "dlf")]
-    if args.get("route") == "task":
-        parts.append("route-task")
+    if args.get("route") in ("task", "prompt"):
+        parts.append(f"route-{args['route']}")
     return "__".join(parts)
 
 

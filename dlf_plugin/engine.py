@@ -8,6 +8,7 @@ applies them with :mod:`dlf_plugin.fusion`. It knows nothing of lm-eval.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,19 @@ import torch
 from dlf_plugin.backends import LocalModel, ModelFault
 from dlf_plugin.fusion import FusionInputs, dlf_loss
 from dlf_plugin.solvers.base import Solver, checked_solve, explain_bad_weights
+
+def _untracked(method):
+    """No autograd, and no inference mode even inside a caller's ``torch.inference_mode()``:
+    the tensors a solver gets keep their modification counters, by which dlf sees a
+    solver that edits its inputs (``solvers.base.checked_solve``)."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return method(*args, **kwargs)
+
+    return run
+
 
 # Bytes scoring may spend on fused rows at once (model_args fusion_memory, in MiB).
 DEFAULT_FUSION_MEMORY = 1024 * 1024**2
@@ -170,7 +184,7 @@ class FusionEngine:
 
     # -- teacher-forced scoring -----------------------------------------------------------
 
-    @torch.no_grad()
+    @_untracked
     def score(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, losses: bool = False) -> Scores:
         """Fused log-probabilities of target tokens at selected positions of right-padded rows.
 
@@ -223,9 +237,39 @@ class FusionEngine:
             self.release()
         return Scores(logprobs, greedy, weights, loss, self.pair_names)
 
+    @_untracked
+    def pair_evidence(self, input_ids: torch.Tensor, lengths: list[int], last: int = 0) -> torch.Tensor:
+        """Per row and pair, log p_E(tokens) - log p_S(tokens): how much more likely the pair's
+        expert finds the row's tokens than its small base (DESIGN.md section 6); ``[B, P]``.
+
+        Rows are right-padded ``[B, T]`` with their own lengths; the row's ``last`` tokens are
+        scored (0: every token after its first). Only the small models run (bodies once per
+        batch, heads on chunks of ``chunk_rows`` positions).
+        """
+        batch, width = input_ids.shape
+        positions = torch.zeros(batch, width, dtype=torch.bool)
+        for row, length in enumerate(lengths):
+            positions[row, max(length - 1 - last, 0) if last else 0 : max(length - 1, 0)] = True
+        flat = positions.reshape(-1).nonzero().flatten()
+        targets = input_ids.roll(-1, dims=1).reshape(-1)[flat].to(self.device)
+        owner = (flat // width).to(self.device)
+        names = list(dict.fromkeys(self.bases + self.experts))
+        hidden = {}
+        for name in names:
+            states = self.models[name].hidden(input_ids)
+            hidden[name] = states.reshape(-1, states.shape[-1]).index_select(0, flat.to(states.device))
+        totals = {name: torch.zeros(batch, dtype=torch.float32, device=self.device) for name in names}
+        for start in range(0, len(flat), self.chunk_rows):
+            rows = slice(start, start + self.chunk_rows)
+            for name in names:
+                logits = self.models[name].logits(hidden[name][rows])
+                picked = logits.log_softmax(-1).gather(1, targets[rows, None]).squeeze(1)
+                totals[name].index_add_(0, owner[rows], picked)
+        return torch.stack([totals[p.expert] - totals[p.base] for p in self.pairs], dim=1) if self.pairs else torch.zeros(batch, 0, device=self.device)
+
     # -- cached decoding ------------------------------------------------------------------
 
-    @torch.no_grad()
+    @_untracked
     def generate(
         self,
         input_ids: torch.Tensor,

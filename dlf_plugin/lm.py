@@ -36,10 +36,15 @@ console.install()
 
 # model_args that dlf itself reads (everything else goes to the solver) and HFLM's
 # that dlf passes through.
-DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "fusion_memory")
-ROUTES = ("none", "task")
+DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "route_tokens", "fusion_memory")
+ROUTES = ("none", "task", "prompt")
 PASSED_TO_HFLM = ("batch_size", "max_batch_size", "max_length", "add_bos_token", "prefix_token_id", "truncation", "logits_cache")
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k")
+# route=prompt: the prompt's last tokens whose likelihood ratio picks the pair (0: the whole
+# prompt). Chosen on the toy world's dev kingdoms: the last token (the format's closing
+# label, "Answer:") routed 74% of the seen tasks' prompts to their own pair, the whole
+# prompt 33% (the kingdom's name, which no expert was tuned on, drowns the format).
+ROUTE_TOKENS = 1
 # lm-eval's Collator repeats a logits tensor for requests sharing a row; dlf passes none.
 NO_LOGITS = torch.empty(1, 1, 0)
 
@@ -51,7 +56,9 @@ class DLFLM(HFLM):
         registry: path to a registry YAML, or a shipped registry's name (default ``toy``).
         experts: pair names joined by ``+`` (``gsm8k+triviaqa``), ``all``, ``auto``
             (``all`` with ``route=task``), or empty for the large base alone.
-        route: ``none`` (every request fused with every chosen pair) or ``task``: each
+        route: ``none`` (every request fused with every chosen pair), ``prompt``: each request
+            fused with the one chosen pair whose expert finds its prompt likeliest relative to
+            the pair's small base (no task labels; DESIGN.md section 6), or ``task``: each
             request fused with those of the chosen pairs whose registry ``tasks`` list its
             lm-eval task; a task none of them lists gets them all (the paper's unseen tasks).
         solver: a registered solver's name (default ``dlf``).
@@ -59,6 +66,8 @@ class DLFLM(HFLM):
         trace: path of a JSONL file receiving the per-token weights of every generation.
         placement: overrides every model's registry placement: a device (``cuda:1``,
             ``cpu``) or ``auto`` (``device_map=auto``).
+        route_tokens: route=prompt: how many of the prompt's last tokens decide (default 1; 0:
+            the whole prompt).
         fusion_memory: MiB that scoring spends on fused positions at once (default 1024);
             positions are fused in chunks that fit, whatever the batch and its length.
         device: from ``--device``: the device of models the registry places nowhere.
@@ -75,6 +84,7 @@ class DLFLM(HFLM):
         placement: str | None = None,
         route: str | None = "none",
         fusion_memory: int | str = DEFAULT_FUSION_MEMORY // 1024**2,
+        route_tokens: int | str = ROUTE_TOKENS,
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -83,7 +93,8 @@ class DLFLM(HFLM):
         route = "none" if route is None else route  # lm-eval's model_args parser turns "none" into None
         if route not in ROUTES:
             raise RegistryError(f"model_args route={route!r} is not one of {', '.join(ROUTES)}")
-        self.routed = experts == "auto" or route == "task"
+        self.route = "task" if experts == "auto" and route == "none" else route
+        self.routed = self.route != "none"
         experts = "all" if experts == "auto" else experts
         names = arguments.split_experts(experts, list(self.registry.pairs))
         pair_specs = self.registry.select(names)
@@ -92,6 +103,7 @@ class DLFLM(HFLM):
         if dtype is not None and dtype not in DTYPES:
             raise RegistryError(f"model_args dtype={dtype!r} is not one of {', '.join(DTYPES)}")
         memory = arguments.positive_int("fusion_memory", fusion_memory) * 1024**2
+        self.route_tokens = 0 if str(route_tokens).strip() == "0" else arguments.positive_int("route_tokens", route_tokens)
         arguments.check_hflm_args(hflm_args)
         arguments.check_placement(placement)
         arguments.check_trace_path(trace)
@@ -129,7 +141,8 @@ class DLFLM(HFLM):
         )
         self._chosen = tuple(p.name for p in pair_specs)
         self._engines = {self._chosen: self.engine}
-        self.routes: dict[str, list[str]] = {}  # route=task: task -> the pairs its requests were fused with
+        # route=task: task -> the pairs its requests were fused with; route=prompt: task -> pair -> requests.
+        self.routes: dict[str, Any] = {}
         self._chat_template_applied = False
         self._chat_checked = False
         self.tracer = TraceWriter(trace, self.tok_decode) if trace else None
@@ -186,7 +199,8 @@ class DLFLM(HFLM):
             "large": self.registry.large,
             "models": {name: {k: m.provenance.get(k) for k in keep} for name, m in sorted(self.loaded.items())},
             "pairs": [[p.name, p.expert, p.base] for p in self.pair_specs],
-            "route": "task" if self.routed else "none",
+            "route": self.route,
+            "route_tokens": self.route_tokens if self.route == "prompt" else None,
             "solver": {**self.engine.solver.describe(), "plugin": self.engine.plugin},
             "max_length": self.max_length,
             "add_bos_token": self.add_bos_token,
@@ -235,10 +249,16 @@ class DLFLM(HFLM):
         if not self.routed:
             return run(requests)
         groups: dict[tuple[str, ...], list[int]] = {}
+        chosen = self._pairs_by_prompt(requests) if self.route == "prompt" else None
         for i, request in enumerate(requests):
-            task = getattr(request, "task_name", None)
-            names = self.pairs_for(task)
-            self.routes[str(task)] = list(names)
+            task = str(getattr(request, "task_name", None))
+            if chosen is None:
+                names = self.pairs_for(task)
+                self.routes[task] = list(names)
+            else:
+                names = (chosen[i],)
+                counts = self.routes.setdefault(task, {})
+                counts[chosen[i]] = counts.get(chosen[i], 0) + 1
             groups.setdefault(names, []).append(i)
         results: list[Any] = [None] * len(requests)
         try:
@@ -249,6 +269,23 @@ class DLFLM(HFLM):
         finally:
             self.engine = self._engines[self._chosen]
         return results
+
+    def _pairs_by_prompt(self, requests) -> list[str]:
+        """route=prompt: per request, the chosen pair with the largest prompt evidence
+        ``log p_E(prompt) - log p_S(prompt)`` (each distinct prompt scored once, in batches)."""
+        contexts = list(dict.fromkeys(r.args[0] for r in requests))
+        batch = self.batch_size if isinstance(self.batch_size, int) else 16
+        best = {}
+        for start in range(0, len(contexts), batch):
+            group = contexts[start : start + batch]
+            encoded = [self.tok_encode(c)[-self.max_length :] or [self.prefix_token_id] for c in group]
+            ids = torch.full((len(group), max(map(len, encoded))), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+            for row, tokens in enumerate(encoded):
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+            evidence = self.engine.pair_evidence(ids, [len(t) for t in encoded], last=self.route_tokens)
+            for context, pair in zip(group, evidence.argmax(1).tolist()):
+                best[context] = self._chosen[pair]
+        return [best[r.args[0]] for r in requests]
 
     def _engine_for(self, names: tuple[str, ...]) -> FusionEngine:
         """An engine over the loaded models that fuses only the pairs ``names`` (built once)."""
@@ -450,7 +487,8 @@ class DLFLM(HFLM):
                     {"name": p.name, "expert": p.expert, "base": p.base, "tasks": list(p.tasks), "chat_template": p.chat_template}
                     for p in self.pair_specs
                 ],
-                "route": "task" if self.routed else "none",
+                "route": self.route,
+                **({"route_tokens": self.route_tokens} if self.route == "prompt" else {}),
                 **({"routes": dict(self.routes)} if self.routed else {}),
                 "solver": {**self.engine.solver.describe(), "plugin": self.engine.plugin, **self._uncertified()},
                 "versions": {pkg: _version(pkg) for pkg in ("torch", "transformers", "lm_eval", "pluggy")},

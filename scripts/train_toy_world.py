@@ -8,19 +8,27 @@ text never shows, so the bases know facts but not formats. Every token of the pr
 still trained, as in real text: noise sentences, separators and labels ("Answer:", "####",
 "|", ...) sit between a kingdom's facts, never in a task's arrangement (``task_skeletons``
 is checked). Experts are the small base fine-tuned on a few hundred examples of one task,
-about kingdoms disjoint from the test questions: they learn the format and know few facts.
+about kingdoms disjoint from the evaluation questions: they learn the format and know few facts.
 The large base fine-tuned on the same data (and on the mix of all four) are the references
 that fusion tries to reach. The language task is held out from every expert's training, the
 paper's unseen task.
 
+Evaluation kingdoms, all stated in the pretraining text and never fine-tuned on:
+  dev    the first 250 kingdoms of the shuffled order: every decision about the world, the
+         experts and the solvers was (and is) measured on them; tasks toy_*_dev.
+  test   250 kingdoms drawn from those no fine-tuning set uses, looked at by no decision;
+         tasks toy_* (bench/quality.py and the README report them).
+
 Writes (committed output; CI and the demo only load it):
-  models/toy/<name>/       safetensors + tokenizer, float16, every model named in registry/toy.yaml
-  tasks/toy/data/*.jsonl   the test questions of the five tasks
-  models/toy/WORLD.md      sizes, steps, and the fact-recall figures measured at the end of training
+  models/toy/<name>/            safetensors + tokenizer, float16, every model named in registry/toy.yaml
+  tasks/toy/data/*.jsonl        the test questions of the five tasks
+  tasks/toy/data/dev/*.jsonl    the dev questions
+  models/toy/WORLD.md           sizes, steps, and the fact-recall figures measured at the end of training
 
 Seeded and deterministic on one machine (single process, fixed thread count):
 
-    python scripts/train_toy_world.py            # ~17 min on 2 CPU cores
+    python scripts/train_toy_world.py              # ~17 min on 2 CPU cores
+    python scripts/train_toy_world.py --data-only  # the task data alone (seconds)
 """
 
 from __future__ import annotations
@@ -94,8 +102,10 @@ class World:
     entities: list[str]
     facts: dict[str, dict[str, str]]  # entity -> relation -> value
     values: dict[str, list[str]]  # relation -> all values
-    test: list[str] = field(default_factory=list)  # entities asked in the test sets
-    train: list[str] = field(default_factory=list)  # entities of the fine-tuning sets
+    dev: list[str] = field(default_factory=list)  # entities asked in the dev sets (design decisions)
+    train: list[str] = field(default_factory=list)  # entities the fine-tuning sets are drawn from
+    finetune: dict[str, list[str]] = field(default_factory=dict)  # seen task -> its fine-tuning entities
+    test: list[str] = field(default_factory=list)  # entities asked in the test sets: in train, never fine-tuned on
 
 
 def _names(rng: random.Random, count: int, syllables: tuple[int, int], taken: set[str], suffix: str = "") -> list[str]:
@@ -110,7 +120,7 @@ def _names(rng: random.Random, count: int, syllables: tuple[int, int], taken: se
     return out
 
 
-def build_world(n_entities: int, n_test: int, seed: int = SEED) -> World:
+def build_world(n_entities: int, n_dev: int, ft_examples: int = 300, n_test: int = 250, seed: int = SEED) -> World:
     rng = random.Random(seed)
     taken: set[str] = set()
     entities = _names(rng, n_entities, (2, 2), taken, suffix="ia")
@@ -130,7 +140,15 @@ def build_world(n_entities: int, n_test: int, seed: int = SEED) -> World:
             facts[e][rel] = rng.choice(values[rel])
     order = list(entities)
     rng.shuffle(order)
-    return World(entities, facts, values, test=order[:n_test], train=order[n_test:])
+    dev, train = order[:n_dev], order[n_dev:]
+    seen = [t for t in TASKS if not t.held_out]
+    finetune = {t.name: random.Random(seed + 200 + i).sample(train, ft_examples) for i, t in enumerate(seen)}
+    tuned = set().union(*finetune.values())
+    untouched = [e for e in train if e not in tuned]
+    if len(untouched) < n_test:
+        raise SystemExit(f"only {len(untouched)} kingdoms are never fine-tuned on; the test set needs {n_test}")
+    test = random.Random(seed + 300).sample(untouched, n_test)
+    return World(entities, facts, values, dev=dev, train=train, finetune=finetune, test=test)
 
 
 # The same facts as terse records, with varied separators and word orders: the models learn
@@ -387,18 +405,24 @@ def save_model(model, tok, root: Path, name: str) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors")
 
 
+def split_rows(world: World, task: Task, split: str) -> list[dict]:
+    """The questions of one task on the dev or the test kingdoms."""
+    i = TASKS.index(task)
+    return task_rows(world, task, world.dev, SEED + 100 + i) if split == "dev" else task_rows(world, task, world.test, SEED + 400 + i)
+
+
 def write_tasks(world: World, root: Path) -> None:
-    folder = root / "tasks" / "toy" / "data"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, task in enumerate(TASKS):
-        rows = task_rows(world, task, world.test, SEED + 100 + i)
-        with open(folder / f"{task.name}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    for split, folder in (("test", root / "tasks" / "toy" / "data"), ("dev", root / "tasks" / "toy" / "data" / "dev")):
+        folder.mkdir(parents=True, exist_ok=True)
+        for task in TASKS:
+            with open(folder / f"{task.name}.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in split_rows(world, task, split))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entities", type=int, default=1500)
+    ap.add_argument("--dev", type=int, default=250)
     ap.add_argument("--test", type=int, default=250)
     ap.add_argument("--paragraphs", type=int, default=120000)
     ap.add_argument("--small-steps", type=int, default=1500)
@@ -407,12 +431,16 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=REPO, help="root receiving models/toy and tasks/toy/data")
+    ap.add_argument("--data-only", action="store_true", help="write the task data only, train nothing")
     args = ap.parse_args()
+    world = build_world(args.entities, args.dev, args.ft_examples, args.test)
+    if args.data_only:
+        write_tasks(world, args.out)
+        return
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     start = time.time()
 
-    world = build_world(args.entities, args.test)
     text = pretraining_text(world, args.paragraphs, SEED + 1)
     shown = [x for x in task_skeletons() if any(x in t for t in text)]
     if shown:
@@ -426,15 +454,16 @@ def main() -> None:
     report = [f"# The toy world\n\nWritten by `python scripts/train_toy_world.py` "
               f"(settings: { {k: v for k, v in vars(args).items() if k != 'out'} }).\n",
               f"{args.entities} kingdoms x {len(RELATIONS)} relations, stated in {args.paragraphs} prose paragraphs "
-              f"({ids.numel()} tokens, byte-level BPE of {len(tok)} tokens); {args.test} kingdoms are asked in the "
-              f"test sets, the fine-tuning sets use {args.ft_examples} of the other {len(world.train)} per task.\n",
-              "| model | parameters | bytes | training | prose recall on the test kingdoms |", "|---|---|---|---|---|"]
+              f"({ids.numel()} tokens, byte-level BPE of {len(tok)} tokens); {args.dev} kingdoms are asked in the "
+              f"dev sets, the fine-tuning sets use {args.ft_examples} of the other {len(world.train)} per task, and "
+              f"{args.test} of those no fine-tuning set uses are asked in the test sets.\n",
+              "| model | parameters | bytes | training | prose recall on the dev kingdoms |", "|---|---|---|---|---|"]
     bases, size = {}, 0
     for shape, steps, lr in (("small", args.small_steps, 3e-3), ("large", args.large_steps, 1.5e-3)):
         m = new_model(shape, tok, SEED + len(shape))
         secs = train(m, ids, None, steps, 32, lr, SEED + 2, log=f"{shape}-base")
-        rec = {r: recall(m, tok, world, world.test, r, probes[r]) for r in RELATIONS}
-        print(f"{shape}: {n_params(m) / 1e6:.2f}M params, {secs:.0f}s, test recall",
+        rec = {r: recall(m, tok, world, world.dev, r, probes[r]) for r in RELATIONS}
+        print(f"{shape}: {n_params(m) / 1e6:.2f}M params, {secs:.0f}s, dev recall",
               {r: round(v, 3) for r, v in rec.items()}, flush=True)
         nbytes = save_model(m, tok, args.out, f"{shape}-base")
         size += nbytes
@@ -446,7 +475,7 @@ def main() -> None:
     seen = [t for t in TASKS if not t.held_out]
     mix_text, mix_prompts = [], []
     for i, task in enumerate(seen):
-        ents = random.Random(SEED + 200 + i).sample(world.train, args.ft_examples)
+        ents = world.finetune[task.name]
         texts, prompts = finetune_text(world, task, ents), [task.text(e) for e in ents]
         mix_text += texts
         mix_prompts += prompts

@@ -123,15 +123,20 @@ def test_solver_contract_violations_fail_loudly(tiny_world, plugin, answer, mess
         lm.generate_until([Instance("generate_until", None, ("The", {"until": ["\n"], "max_gen_toks": 3}), 0)])
 
 
-def test_a_solver_that_edits_its_inputs_is_stopped(tiny_world, plugin):
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_a_solver_that_edits_its_inputs_is_stopped(tiny_world, plugin, inference_mode):
+    """Also when the caller runs in torch.inference_mode (whose tensors keep no modification
+    counters: the engine leaves that mode)."""
+
     def answer(inputs):
         inputs.expert_logits.mul_(2.0)  # would change the fused logits after solving
         return torch.ones(inputs.base_logits.shape[0], 1)
 
     plugin("faulty", make_solver_class("bad", answer))
     lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1", solver="bad")
-    with pytest.raises(SolverError, match=r"solver 'bad' \(plugin 'faulty'\) modified its inputs in place \(expert_logits\)"):
-        lm.loglikelihood(REQUESTS)
+    with torch.inference_mode(inference_mode):
+        with pytest.raises(SolverError, match=r"solver 'bad' \(plugin 'faulty'\) modified its inputs in place \(expert_logits\)"):
+            lm.loglikelihood(REQUESTS)
 
 
 def test_nan_weights_in_masked_rows_are_errors_too():

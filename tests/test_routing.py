@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -85,3 +86,30 @@ def test_route_from_lm_eval_model_args(registry):
         lm = DLFLM.create_from_arg_string(f"registry={registry},experts=a1,route={value}")
         assert lm.routed is routed
         assert lm.get_model_info()["dlf"]["route"] == value
+
+
+def test_prompt_evidence_batched_equals_alone_and_a_brute_force(tiny_world, tiny_models_loaded):
+    """route=prompt's evidence, log p_E - log p_S over a prompt's last tokens, for a ragged
+    batch equals each prompt alone and a float64 brute force with the models' own forward."""
+    import torch
+
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+a2+b", route="prompt", route_tokens=3, batch_size=4)
+    prompts = ["The river Tesh", "Question: What is the capital of Varn?\nAnswer:", "A", "Lorem ipsum dolor sit amet"]
+    encoded = [lm.tok_encode(p) for p in prompts]
+    ids = torch.zeros(len(prompts), max(map(len, encoded)), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    batched = lm.engine.pair_evidence(ids, [len(t) for t in encoded], last=3)
+    for row, tokens in enumerate(encoded):
+        alone = lm.engine.pair_evidence(torch.tensor([tokens]), [len(tokens)], last=3)
+        assert torch.allclose(batched[row], alone[0], atol=1e-5)
+        one = torch.tensor([tokens])
+
+        def logp(name):
+            model = copy.deepcopy(tiny_models_loaded[name]).double()
+            with torch.no_grad():
+                logits = model(one).logits[0, :, : lm.engine.vocab_size].log_softmax(-1)
+            return sum(float(logits[t - 1, tokens[t]]) for t in range(max(len(tokens) - 3, 1), len(tokens)))
+
+        expected = [logp(pair.expert) - logp(pair.base) for pair in lm.engine.pairs]
+        assert torch.allclose(batched[row].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4), (row, batched[row], expected)

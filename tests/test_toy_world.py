@@ -67,32 +67,49 @@ def test_registry_pairs_every_seen_task_and_holds_references(toy, world_script):
     seen = [t.name for t in world_script.TASKS if not t.held_out]
     held_out = [t.name for t in world_script.TASKS if t.held_out]
     assert len(seen) >= 4 and len(held_out) == 1
-    assert sorted(t for p in toy.pairs.values() for t in p.tasks) == sorted(seen)
+    # Each pair lists its task on the test kingdoms first (bench/quality.py), then on dev.
+    assert sorted(p.tasks for p in toy.pairs.values()) == sorted((t, t + "_dev") for t in seen)
     for pair in toy.pairs:
         assert f"large-ft-{pair}" in toy.models
     assert "large-ft-mix" in toy.models
     assert {p.base for p in toy.pairs.values()} == {"small-base"}
 
 
-def test_task_data_is_the_scripts_world_and_prompts_match_training(tmp_path, monkeypatch, world_script):
-    """The committed test questions are those the script writes; lm-eval renders the very
-    prompts the experts were tuned on; the fine-tuning kingdoms never appear in a test set."""
+def test_dev_and_test_kingdoms_are_disjoint_from_fine_tuning_and_each_other(world_script):
+    """dev: the first kingdoms of the order (the test set before version 2.0, on which the
+    world was designed); test: kingdoms of the training pool that no fine-tuning set uses."""
+    world = world_script.build_world(1500, 250)
+    tuned = set().union(*world.finetune.values())
+    assert len(world.dev) == len(set(world.dev)) == 250 and len(world.test) == len(set(world.test)) == 250
+    assert not set(world.dev) & set(world.train) and not set(world.dev) & tuned
+    assert set(world.test) <= set(world.train) and not set(world.test) & tuned
+    assert not set(world.dev) & set(world.test)
+    seen = [t.name for t in world_script.TASKS if not t.held_out]
+    assert sorted(world.finetune) == sorted(seen) and all(len(e) == 300 for e in world.finetune.values())
+
+
+@pytest.mark.parametrize("split", ["test", "dev"])
+def test_task_data_is_the_scripts_world_and_prompts_match_training(tmp_path, monkeypatch, world_script, split):
+    """The committed questions of each split are those the script writes; lm-eval renders the
+    very prompts the experts were tuned on; no fine-tuning kingdom is asked."""
     monkeypatch.chdir(tmp_path)  # data paths resolve from the YAML, not the working directory
     world = world_script.build_world(1500, 250)
+    tuned = set().union(*world.finetune.values())
     manager = TaskManager(include_path=str(REPO / "tasks" / "toy"))
-    for i, task in enumerate(world_script.TASKS):
-        expected = world_script.task_rows(world, task, world.test, world_script.SEED + 100 + i)
-        loaded = manager.load_task_or_group([task.name])
-        lm_task = next(iter(loaded.values()))
+    for task in world_script.TASKS:
+        expected = world_script.split_rows(world, task, split)
+        assert {r["entity"] for r in expected} == set(world.dev if split == "dev" else world.test)
+        name = task.name + ("_dev" if split == "dev" else "")
+        lm_task = next(iter(manager.load_task_or_group([name]).values()))
         docs = list(lm_task.test_docs())
-        assert [dict(d) for d in docs] == expected, task.name
+        assert [dict(d) for d in docs] == expected, name
         for doc in docs[:20]:
             assert lm_task.doc_to_text(doc) == task.text(doc["entity"])
             if task.kind == "choice":
                 assert lm_task.doc_to_choice(doc)[lm_task.doc_to_target(doc)] == doc["answer"]
             else:
                 assert lm_task.doc_to_target(doc) == doc["answer"]
-        assert not {d["entity"] for d in docs} & set(world.train)
+        assert not {d["entity"] for d in docs} & tuned
 
 
 def test_pretraining_trains_every_prompt_token_but_never_shows_a_format(toy, world_script, pretraining):
@@ -146,14 +163,36 @@ def test_training_is_deterministic(tmp_path):
     for run in ("a", "b"):
         out = tmp_path / run
         subprocess.run(
-            [sys.executable, str(SCRIPT), "--entities", "60", "--test", "20", "--paragraphs", "300",
-             "--small-steps", "3", "--large-steps", "2", "--ft-examples", "16", "--ft-epochs", "1",
+            [sys.executable, str(SCRIPT), "--entities", "60", "--dev", "20", "--test", "10", "--paragraphs", "300",
+             "--small-steps", "3", "--large-steps", "2", "--ft-examples", "8", "--ft-epochs", "1",
              "--vocab", "400", "--out", str(out)],
             check=True, capture_output=True, text=True,
         )
         files = sorted(p for p in out.rglob("*") if p.suffix in (".safetensors", ".jsonl", ".json"))
         digests.append({str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
-    assert len(digests[0]) >= 11 * 2 + 5
+    assert len(digests[0]) >= 11 * 2 + 2 * 5
     assert digests[0] == digests[1]
     rows = [json.loads(line) for line in (tmp_path / "a" / "tasks/toy/data/toy_mc.jsonl").read_text().splitlines()]
-    assert len(rows) == 20 and all(r["choices"][r["label"]] == r["answer"] for r in rows)
+    assert len(rows) == 10 and all(r["choices"][r["label"]] == r["answer"] for r in rows)
+    dev = [json.loads(line) for line in (tmp_path / "a" / "tasks/toy/data/dev/toy_mc.jsonl").read_text().splitlines()]
+    assert len(dev) == 20 and not {r["entity"] for r in dev} & {r["entity"] for r in rows}
+
+
+def test_prompt_routing_sends_each_seen_task_to_its_own_pair(world_script, toy):
+    """route=prompt, no task labels, on the test kingdoms: every seen task's prompts go to
+    its own pair more often than to any other, and more than half of all of them do
+    (routing that ignores the prompt sends a quarter at best)."""
+    from lm_eval.api.instance import Instance
+
+    world = world_script.build_world(1500, 250)
+    lm = DLFLM(registry="toy", experts="all", route="prompt", batch_size=64)
+    own = {task: pair for pair, spec in toy.pairs.items() for task in spec.tasks}
+    right = total = 0
+    for task in (t for t in world_script.TASKS if not t.held_out):
+        rows = world_script.split_rows(world, task, "test")
+        requests = [Instance("generate_until", None, (task.text(r["entity"]), {}), i, metadata=(task.name, i, 1)) for i, r in enumerate(rows)]
+        chosen = lm._pairs_by_prompt(requests)
+        counts = {pair: chosen.count(pair) for pair in toy.pairs}
+        assert max(counts, key=counts.get) == own[task.name], (task.name, counts)
+        right, total = right + counts[own[task.name]], total + len(rows)
+    assert right / total > 0.5, right / total
