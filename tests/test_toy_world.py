@@ -163,8 +163,8 @@ def test_training_is_deterministic(tmp_path):
     for run in ("a", "b"):
         out = tmp_path / run
         subprocess.run(
-            [sys.executable, str(SCRIPT), "--entities", "60", "--dev", "20", "--test", "10", "--paragraphs", "300",
-             "--small-steps", "3", "--large-steps", "2", "--ft-examples", "8", "--ft-epochs", "1",
+            [sys.executable, str(SCRIPT), "--entities", "60", "--dev", "20", "--test", "4", "--paragraphs", "300",
+             "--small-steps", "3", "--large-steps", "2", "--ft-examples", "16", "--ft-epochs", "1",
              "--vocab", "400", "--out", str(out)],
             check=True, capture_output=True, text=True,
         )
@@ -173,7 +173,7 @@ def test_training_is_deterministic(tmp_path):
     assert len(digests[0]) >= 11 * 2 + 2 * 5
     assert digests[0] == digests[1]
     rows = [json.loads(line) for line in (tmp_path / "a" / "tasks/toy/data/toy_mc.jsonl").read_text().splitlines()]
-    assert len(rows) == 10 and all(r["choices"][r["label"]] == r["answer"] for r in rows)
+    assert len(rows) == 4 and all(r["choices"][r["label"]] == r["answer"] for r in rows)
     dev = [json.loads(line) for line in (tmp_path / "a" / "tasks/toy/data/dev/toy_mc.jsonl").read_text().splitlines()]
     assert len(dev) == 20 and not {r["entity"] for r in dev} & {r["entity"] for r in rows}
 
