@@ -24,15 +24,21 @@ class RequestError(DLFError, ValueError):
     """A request lm-eval passed cannot be run; the message names it."""
 
 
-def positive_int(key: str, value: Any) -> int:
-    """A whole number >= 1 (given as one, or as its digits)."""
+def whole_number(key: str, value: Any, minimum: int = 1) -> int:
+    """A whole number >= ``minimum`` (given as one, or as its digits)."""
     try:
         number = int(value)
     except (TypeError, ValueError, OverflowError):
-        number = 0
-    if isinstance(value, bool) or number <= 0 or str(number) != str(value).strip():
-        raise RegistryError(f"model_args {key}={value!r} must be a positive whole number")
+        number = minimum - 1
+    if isinstance(value, bool) or number < minimum or str(number) != str(value).strip():
+        kind = "a positive whole number" if minimum == 1 else f"a whole number >= {minimum}"
+        raise RegistryError(f"model_args {key}={value!r} must be {kind}")
     return number
+
+
+def positive_int(key: str, value: Any) -> int:
+    """A whole number >= 1."""
+    return whole_number(key, value, 1)
 
 
 def check_hflm_args(args: dict) -> None:

@@ -103,7 +103,7 @@ class DLFLM(HFLM):
         if dtype is not None and dtype not in DTYPES:
             raise RegistryError(f"model_args dtype={dtype!r} is not one of {', '.join(DTYPES)}")
         memory = arguments.positive_int("fusion_memory", fusion_memory) * 1024**2
-        self.route_tokens = 0 if str(route_tokens).strip() == "0" else arguments.positive_int("route_tokens", route_tokens)
+        self.route_tokens = arguments.whole_number("route_tokens", route_tokens, minimum=0)
         arguments.check_hflm_args(hflm_args)
         arguments.check_placement(placement)
         arguments.check_trace_path(trace)

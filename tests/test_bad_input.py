@@ -342,6 +342,7 @@ def test_nan_weights_found_at_load_unless_the_registry_opts_out(tmp_path, tiny_w
         ({"experts": "a1++a2"}, r"model_args experts='a1\+\+a2' has an empty pair name"),
         ({"experts": "+"}, r"model_args experts='\+' has an empty pair name"),
         ({"experts": "a1+a1"}, r"model_args experts: 'a1' is given twice"),
+        ({"route": "prompt", "route_tokens": "-1"}, r"model_args route_tokens='-1' must be a whole number >= 0"),
     ],
 )
 def test_model_args_checked_before_models_load(tiny_world, no_model_loads, args, message):
