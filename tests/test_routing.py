@@ -88,20 +88,21 @@ def test_route_from_lm_eval_model_args(registry):
         assert lm.get_model_info()["dlf"]["route"] == value
 
 
-def test_prompt_evidence_batched_equals_alone_and_a_brute_force(tiny_world, tiny_models_loaded):
-    """route=prompt's evidence, log p_E - log p_S over a prompt's last tokens, for a ragged
-    batch equals each prompt alone and a float64 brute force with the models' own forward."""
+@pytest.mark.parametrize("last", [3, 0])
+def test_prompt_evidence_batched_equals_alone_and_a_brute_force(tiny_world, tiny_models_loaded, last):
+    """route=prompt's evidence, log p_E - log p_S over a prompt's last tokens (0: all), for a
+    ragged batch equals each prompt alone and a float64 brute force with the models' own forward."""
     import torch
 
-    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+a2+b", route="prompt", route_tokens=3, batch_size=4)
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+a2+b", route="prompt", route_tokens=last, batch_size=4)
     prompts = ["The river Tesh", "Question: What is the capital of Varn?\nAnswer:", "A", "Lorem ipsum dolor sit amet"]
     encoded = [lm.tok_encode(p) for p in prompts]
     ids = torch.zeros(len(prompts), max(map(len, encoded)), dtype=torch.long)
     for row, tokens in enumerate(encoded):
         ids[row, : len(tokens)] = torch.tensor(tokens)
-    batched = lm.engine.pair_evidence(ids, [len(t) for t in encoded], last=3)
+    batched = lm.engine.pair_evidence(ids, [len(t) for t in encoded], last=last)
     for row, tokens in enumerate(encoded):
-        alone = lm.engine.pair_evidence(torch.tensor([tokens]), [len(tokens)], last=3)
+        alone = lm.engine.pair_evidence(torch.tensor([tokens]), [len(tokens)], last=last)
         assert torch.allclose(batched[row], alone[0], atol=1e-5)
         one = torch.tensor([tokens])
 
@@ -109,7 +110,7 @@ def test_prompt_evidence_batched_equals_alone_and_a_brute_force(tiny_world, tiny
             model = copy.deepcopy(tiny_models_loaded[name]).double()
             with torch.no_grad():
                 logits = model(one).logits[0, :, : lm.engine.vocab_size].log_softmax(-1)
-            return sum(float(logits[t - 1, tokens[t]]) for t in range(max(len(tokens) - 3, 1), len(tokens)))
+            return sum(float(logits[t - 1, tokens[t]]) for t in range(max(len(tokens) - last, 1) if last else 1, len(tokens)))
 
         expected = [logp(pair.expert) - logp(pair.base) for pair in lm.engine.pairs]
         assert torch.allclose(batched[row].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4), (row, batched[row], expected)
