@@ -36,21 +36,16 @@ def whole_number(key: str, value: Any, minimum: int = 1) -> int:
     return number
 
 
-def positive_int(key: str, value: Any) -> int:
-    """A whole number >= 1."""
-    return whole_number(key, value, 1)
-
-
 def check_hflm_args(args: dict) -> None:
     """The batching and prompt arguments dlf passes to lm-eval's HFLM."""
     batch = args.get("batch_size")
     if batch is not None and not (isinstance(batch, str) and (batch == "auto" or batch.startswith("auto:"))):
-        positive_int("batch_size", batch)
+        whole_number("batch_size", batch)
     if isinstance(batch, str) and batch.startswith("auto:"):
-        positive_int("batch_size (the N of auto:N)", batch.split(":", 1)[1])
+        whole_number("batch_size (the N of auto:N)", batch.split(":", 1)[1])
     for key in ("max_batch_size", "max_length"):
         if args.get(key) is not None:
-            positive_int(key, args[key])
+            whole_number(key, args[key])
     for key in BOOLEAN_ARGS:
         if key in args and not isinstance(args[key], bool):
             raise RegistryError(f"model_args {key}={args[key]!r} must be True or False")

@@ -41,11 +41,12 @@ TRACKER_LOGGER = "lm_eval.loggers.evaluation_tracker"
 # What lm-eval logs when it swallows a failed write, for each method that writes.
 SAVE_FAILURES = {"save_results_aggregated": "Could not save results aggregated", "save_results_samples": "Could not save sample results"}
 
+HFLM_PRELOADED = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model through `pretrained`")
+METADATA_ADVICE = ": Custom kwargs can be passed to `--metadata`"
+
 
 class ResultsNotWritten(DLFError, OSError):
     """A results or samples file could not be written completely."""
-HFLM_PRELOADED = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model through `pretrained`")
-METADATA_ADVICE = ": Custom kwargs can be passed to `--metadata`"
 
 
 def tasks_folder() -> Path:

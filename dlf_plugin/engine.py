@@ -203,15 +203,8 @@ class FusionEngine:
         Returns:
             Scores for the M positions.
         """
-        positions = positions.cpu()
-        cols = positions.any(0).nonzero()
-        keep = int(input_ids.shape[1] - cols.min()) if len(cols) else 1
-        flat = positions[:, -keep:].reshape(-1).nonzero().flatten()  # host: no device sync
-        hidden = {}
-        for name in self.forward_order:
-            states = self.models[name].hidden(input_ids)[:, -keep:]
-            hidden[name] = states.reshape(-1, states.shape[-1]).index_select(0, flat.to(states.device))
-        m = len(flat)
+        hidden, _, _ = self._hidden_at(self.forward_order, input_ids, positions)
+        m = len(next(iter(hidden.values())))
         targets = targets.to(self.device)
         logprobs = torch.empty(targets.shape, dtype=torch.float32, device=self.device)
         greedy = torch.empty(m, dtype=torch.long, device=self.device)
@@ -250,22 +243,33 @@ class FusionEngine:
         positions = torch.zeros(batch, width, dtype=torch.bool)
         for row, length in enumerate(lengths):
             positions[row, max(length - 1 - last, 0) if last else 0 : max(length - 1, 0)] = True
-        flat = positions.reshape(-1).nonzero().flatten()
-        targets = input_ids.roll(-1, dims=1).reshape(-1)[flat].to(self.device)
-        owner = (flat // width).to(self.device)
         names = list(dict.fromkeys(self.bases + self.experts))
-        hidden = {}
-        for name in names:
-            states = self.models[name].hidden(input_ids)
-            hidden[name] = states.reshape(-1, states.shape[-1]).index_select(0, flat.to(states.device))
+        hidden, rows_of, cols_of = self._hidden_at(names, input_ids, positions)
+        targets = input_ids.cpu()[rows_of, cols_of + 1].to(self.device)
+        owner = rows_of.to(self.device)
         totals = {name: torch.zeros(batch, dtype=torch.float32, device=self.device) for name in names}
-        for start in range(0, len(flat), self.chunk_rows):
+        for start in range(0, len(owner), self.chunk_rows):
             rows = slice(start, start + self.chunk_rows)
             for name in names:
                 logits = self.models[name].logits(hidden[name][rows])
                 picked = logits.log_softmax(-1).gather(1, targets[rows, None]).squeeze(1)
                 totals[name].index_add_(0, owner[rows], picked)
         return torch.stack([totals[p.expert] - totals[p.base] for p in self.pairs], dim=1) if self.pairs else torch.zeros(batch, 0, device=self.device)
+
+    def _hidden_at(self, names: list[str], input_ids: torch.Tensor, positions: torch.Tensor):
+        """Each model's last hidden states at the True ``positions`` (``[B, T]`` bool), in
+        row-major order, every body run once over the batch: ``({name: [M, H]}, rows [M],
+        cols [M])``, rows and columns on the host (no device sync)."""
+        positions = positions.cpu()
+        width = input_ids.shape[1]
+        used = positions.any(0).nonzero()
+        keep = int(width - used.min()) if len(used) else 1  # columns from the first one asked
+        flat = positions[:, -keep:].reshape(-1).nonzero().flatten()
+        hidden = {}
+        for name in names:
+            states = self.models[name].hidden(input_ids)[:, -keep:]
+            hidden[name] = states.reshape(-1, states.shape[-1]).index_select(0, flat.to(states.device))
+        return hidden, flat // keep, flat % keep + (width - keep)
 
     # -- cached decoding ------------------------------------------------------------------
 

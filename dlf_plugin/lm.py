@@ -102,7 +102,7 @@ class DLFLM(HFLM):
         self._solver_args = (str(solver), kwargs)
         if dtype is not None and dtype not in DTYPES:
             raise RegistryError(f"model_args dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-        memory = arguments.positive_int("fusion_memory", fusion_memory) * 1024**2
+        memory = arguments.whole_number("fusion_memory", fusion_memory) * 1024**2
         self.route_tokens = arguments.whole_number("route_tokens", route_tokens, minimum=0)
         arguments.check_hflm_args(hflm_args)
         arguments.check_placement(placement)
@@ -524,7 +524,10 @@ class CacheMismatch(DLFError, ValueError):
 def _claim_cache(db, identity: dict) -> None:
     """Record ``identity`` in an empty cache; accept a cache recorded with the same one;
     refuse any other, naming what differs."""
-    mine = json.dumps(identity, sort_keys=True, default=str)
+    def canonical(value) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    mine = canonical(identity)
     where = getattr(db, "filename", "the cache")
     stored = db.get(CACHE_IDENTITY_KEY)
     if stored is None:
@@ -538,7 +541,7 @@ def _claim_cache(db, identity: dict) -> None:
         return
     if stored != mine:
         theirs = json.loads(stored)
-        differ = sorted(k for k in set(theirs) | set(identity) if json.dumps(theirs.get(k), sort_keys=True, default=str) != json.dumps(identity.get(k), sort_keys=True, default=str))
+        differ = sorted(k for k in set(theirs) | set(identity) if canonical(theirs.get(k)) != canonical(identity.get(k)))
         raise CacheMismatch(
             f"--use_cache {where} was filled by a different dlf configuration (differs in: {', '.join(differ)}); "
             "lm-eval keys cached answers by request alone, so that configuration's answers would be taken for this "
