@@ -154,19 +154,24 @@ class LocalModel:
         dtype = self.model.dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits ``[M, V]`` on the fusion device from hidden states ``[M, H]``."""
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits ``[M, V]`` on the fusion device from hidden states ``[M, H]``,
+        written into ``out`` (``[M, V]`` float32, any row stride) when given."""
+        here = out if out is not None and out.device == self.model_device else None
         if self._mode == "own":
-            out = hidden.float()
+            logits = hidden.float() if here is None else here.copy_(hidden)
         elif self._mode == "out_dtype":
-            out = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
+            logits = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
+            logits = logits if here is None else here.copy_(logits)
         else:
-            out = hidden.float() @ self.weight.t()
+            logits = torch.mm(hidden.float(), self.weight.t(), out=here)
         if self.bias is not None:
-            out = out + self.bias
+            logits.add_(self.bias)
         if self.softcap:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out.to(self.device)
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        if out is None:
+            return logits.to(self.device)
+        return out if here is not None else out.copy_(logits)
 
     def check_head(self, probe: torch.Tensor) -> None:
         """Compare ``logits(hidden(probe))`` with the model's own forward on a few tokens.

@@ -133,33 +133,43 @@ class FusionEngine:
 
     @property
     def chunk_rows(self) -> int:
-        """Positions fused at once when scoring: ``fusion_memory`` over one row's float32 work
-        (each model's logits, the pairs' stacked small and expert logits, the solver's
-        deltas and scratch, the fused logits and their log-softmax)."""
+        """Positions fused at once when scoring: ``fusion_memory`` over one position's float32
+        working set in rows of V: each distinct model's logits, the pairs' small and expert
+        logits where a shared base or expert makes them copies, the solver's own
+        (``Solver.working_rows``), the fused logits and their log-softmax."""
         p = len(self.pairs)
-        per_row = 4 * self.vocab_size * (len(self.forward_order) + 4 * p + 3)
-        return max(1, self.fusion_memory // per_row)
+        copies = (0 if self._bases_in_pair_order else p) + (0 if self._experts_in_pair_order else p)
+        rows = len(self.forward_order) + copies + self.solver.working_rows(p) + 2
+        return max(1, self.fusion_memory // (4 * self.vocab_size * rows))
 
     # -- fusing rows ----------------------------------------------------------------------
 
-    def _logits(self, hidden: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """float32 logits ``[N, V]`` of every model from its hidden rows, and a device-side
-        flag per model (``[models]`` bool) set where a logit is NaN or infinite."""
-        logits = {name: self.models[name].logits(hidden[name]) for name in self.forward_order}
-        faults = torch.stack([~torch.isfinite(logits[name]).all() for name in self.forward_order])
-        return logits, faults
+    def _logits(self, hidden: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """float32 logits of every model from its hidden rows, written straight into the
+        stacks the solver takes: the large base ``[N, V]``, the distinct small bases and
+        experts ``[N, D, V]`` each; and a device-side flag per model (``[models]`` bool) set
+        where a logit is NaN or infinite."""
+        n = len(hidden[self.large])
+        base = torch.empty(n, self.vocab_size, dtype=torch.float32, device=self.device)
+        bases, experts = (torch.empty(n, len(names), self.vocab_size, dtype=torch.float32, device=self.device) for names in (self.bases, self.experts))
+        slots = [(self.large, base)] + [(m, bases[:, i]) for i, m in enumerate(self.bases)]
+        slots += [(m, experts[:, i]) for i, m in enumerate(self.experts)]
+        # A sum is NaN or infinite where any logit is (or where finite ones overflow float32,
+        # ~1e38: broken too); unlike isfinite().all() it allocates nothing the size of the logits.
+        faults = torch.stack([~self.models[name].logits(hidden[name], out=out).sum().isfinite() for name, out in slots])
+        return (base, bases, experts), faults
 
-    def _fuse_rows(self, logits: dict[str, torch.Tensor], row_mask: torch.Tensor) -> tuple[Fused, torch.Tensor]:
-        """Solve and fuse N rows from every model's logits ``[N, V]``; returns the result and
-        a device-side count of solver weights that break its contract (read later)."""
-        base = logits[self.large]
+    def _fuse_rows(self, logits: tuple[torch.Tensor, ...], row_mask: torch.Tensor) -> tuple[Fused, torch.Tensor]:
+        """Solve and fuse N rows from ``_logits``' stacks; returns the result and a device-side
+        count of solver weights that break its contract (read later)."""
+        base, bases, experts = logits
         n, v = base.shape
         if not self.pairs:
             empty = base.new_zeros(n, 0, v)
             inputs = FusionInputs(base, empty, empty, row_mask)
             return Fused(base, base.new_zeros(n, 0), inputs, self.pair_names), base.new_zeros((), dtype=torch.long)
-        small = _by_pair([logits[b] for b in self.bases], self._pair_base, self._bases_in_pair_order)  # [N, P, V]
-        expert = _by_pair([logits[e] for e in self.experts], self._pair_expert, self._experts_in_pair_order)  # [N, P, V]
+        small = bases if self._bases_in_pair_order else bases.index_select(1, self._pair_base)  # [N, P, V]
+        expert = experts if self._experts_in_pair_order else experts.index_select(1, self._pair_expert)
         inputs = FusionInputs(base, small, expert, row_mask)
         weights, bad = checked_solve(self.solver, self.plugin, inputs)
         # z_L + sum_k w_k z_Ek - sum_k w_k z_Sk, without materialising the deltas.
@@ -369,9 +379,3 @@ def choose_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
-
-
-def _by_pair(logits: list[torch.Tensor], index: torch.Tensor, identity: bool) -> torch.Tensor:
-    """Stack distinct models' logits ``[N, V]`` into ``[N, P, V]`` in pair order (one copy)."""
-    stacked = torch.stack(logits, dim=1)
-    return stacked if identity else stacked.index_select(1, index)

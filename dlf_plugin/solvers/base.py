@@ -67,6 +67,13 @@ class Solver(abc.ABC):
         (``dlf_plugin.syncs.count_syncs`` counts them).
         """
 
+    def working_rows(self, num_pairs: int) -> int:
+        """Float32 rows of V per row solved that the solver holds at its peak beyond its
+        inputs (buffers kept between calls included). Scoring sizes its chunks by it, so
+        ``fusion_memory`` holds; the default allows two per pair and two more (deltas, a
+        softmax and a fused row). A solver that needs more says so here."""
+        return 2 * num_pairs + 2
+
     def release(self) -> None:
         """Free buffers kept between the calls of one scoring or generation run (dlf calls
         this when the run ends); the default keeps none."""

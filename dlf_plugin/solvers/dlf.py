@@ -78,9 +78,7 @@ class _Problem:
         self.centred = d.sub_(self.base_mean.unsqueeze(-1))  # dc_k = d_k - E_P[d_k], [N, P, V]
 
     def scratch(self, rows: int | None = None) -> torch.Tensor:
-        """A reusable ``[N, P, V]`` buffer for one pass, or its first ``rows`` rows as ``[rows, V]``."""
-        if rows is not None and rows > self.shape[0] * self.shape[1]:
-            return self.workspace.get("scratch-points", (rows, self.shape[-1]), self.base)
+        """A reusable ``[N, P, V]`` buffer for one pass, or its first ``rows`` (at most N P) rows as ``[rows, V]``."""
         buffer = self.workspace.get("scratch", self.shape, self.base)
         return buffer if rows is None else buffer.view(-1, buffer.shape[-1])[:rows]
 
@@ -106,27 +104,34 @@ class _Problem:
         """f and g of alpha = t_k e_k for every pair k at once: ``t [N, P] -> ([N, P], [N, P])``."""
         return tilt_kls(self.base.unsqueeze(1), self.centred, t, self.base_lse.unsqueeze(1), self.scratch())
 
-    def _directions(self, rows: torch.Tensor, pairs: torch.Tensor):
-        """Base logits, centred deltas and base logsumexp of the listed (row, pair) directions.
+    def _per_direction(self, tilt, rows: torch.Tensor, pairs: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+        """``tilt(base, centred, t, lse, out=base)`` over the listed (row, pair) directions at
+        weights ``t`` (repeats allowed), in pieces of at most N P directions.
 
-        Gathered with index_select on flattened views (whole rows copied, far faster on a CPU
-        than advanced indexing); the base rows land in the pass's scratch, which the tilt
-        then overwrites in place (one multi-megabyte tensor fewer per pass).
+        Each piece's base rows and centred deltas are gathered with index_select into two
+        reusable ``[N P, V]`` buffers (whole rows copied, far faster on a CPU than advanced
+        indexing); the tilt overwrites the base rows in place. The working set stays 2 N P
+        rows of V however many directions are asked (the adaptive schedule asks up to
+        ``ADAPTIVE_POINTS`` per direction).
         """
         n, p, v = self.shape
-        base = torch.index_select(self.base, 0, rows, out=self.scratch(len(rows)))
-        centred = self.centred.view(n * p, v).index_select(0, rows * p + pairs)
-        return base, centred, self.base_lse.index_select(0, rows)
+        flat = self.centred.view(n * p, v)
+        pieces = []
+        for start in range(0, len(rows), n * p):
+            r, k = rows[start : start + n * p], pairs[start : start + n * p]
+            base = torch.index_select(self.base, 0, r, out=self.scratch(len(r)))
+            centred = self.workspace.get("gathered", (n * p, v), self.base)[: len(r)]
+            torch.index_select(flat, 0, r * p + k, out=centred)
+            pieces.append(tilt(base, centred, t[start : start + n * p], self.base_lse.index_select(0, r), out=base))
+        return [torch.cat(parts) for parts in zip(*pieces)] if len(pieces) > 1 else list(pieces[0])
 
     def stats_at(self, rows: torch.Tensor, pairs: torch.Tensor, t: torch.Tensor) -> TiltStats:
-        """Stats for the listed (row, pair) directions at weights ``t`` (repeats allowed), one pass."""
-        base, centred, lse = self._directions(rows, pairs)
-        return tilt_stats(base, centred, t, lse, out=base)
+        """Stats for the listed (row, pair) directions at weights ``t``."""
+        return TiltStats(*self._per_direction(tilt_stats, rows, pairs, t))
 
     def values_at(self, rows: torch.Tensor, pairs: torch.Tensor, t: torch.Tensor):
-        """(f, g, g') for the listed (row, pair) directions at weights ``t``, one first-moment pass."""
-        base, centred, lse = self._directions(rows, pairs)
-        return tilt_values(base, centred, t, lse, out=base)
+        """(f, g, g') for the listed (row, pair) directions at weights ``t``, first moments only."""
+        return tuple(self._per_direction(tilt_values, rows, pairs, t))
 
     def stats_along_pairs(self, t: torch.Tensor) -> TiltStats:
         """f, g and derivatives along every pair's direction at ``t [N, P]``, one pass."""
@@ -169,6 +174,9 @@ class GridSolver(_WorkspaceSolver):
         self.grid = self.points(self.alpha_max, self.step)
         self.bounds = (0.0, self.grid[-1])
         self.passes = 0  # softmax evaluations over the full vocabulary, per row
+
+    def working_rows(self, num_pairs: int) -> int:
+        return 2 * num_pairs + 1  # _Problem's deltas and scratch [N, P, V], P [N, V]
 
     @staticmethod
     def points(alpha_max: float, step: float = 0.1) -> list[float]:
@@ -235,6 +243,9 @@ class ExactSolver(_WorkspaceSolver):
         self.passes = 0  # softmax evaluations over the full vocabulary, per row
         self.uncertified = 0  # rows left uncertified by the fixed schedule (a device tensor once solving)
         self.uncertified_rows = None  # [N] bool, the last solve's
+
+    def working_rows(self, num_pairs: int) -> int:
+        return 3 * num_pairs + 1  # _Problem's deltas, scratch and gathered directions [N, P, V], P [N, V]
 
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
         problem = _Problem(inputs, self.workspace)
@@ -622,6 +633,9 @@ class JointSolver(_WorkspaceSolver):
     def uncertified(self):
         """Rows the one-pair start's fixed schedule left uncertified (see ``dlf``)."""
         return self._one_pair.uncertified
+
+    def working_rows(self, num_pairs: int) -> int:
+        return 3 * num_pairs + 3  # the one-pair start's, the fused row and its offset [N, V]
 
     def _state(self, problem: _Problem, w: torch.Tensor):
         """Loss, residuals [N, 2] and Jacobian [N, 2, P] at weights ``w [N, P]``: one pass."""

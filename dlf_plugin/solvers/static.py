@@ -36,6 +36,9 @@ class StaticSolver(Solver):
         self._values = [per_pair[name] for name in self.pair_names]
         self.bounds = (0.0, math.inf)
 
+    def working_rows(self, num_pairs: int) -> int:
+        return 0  # a row of P weights
+
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
         row = torch.tensor(self._values, dtype=inputs.base_logits.dtype, device=inputs.base_logits.device)
         return row.expand(inputs.base_logits.shape[0], -1)
