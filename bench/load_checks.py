@@ -42,7 +42,7 @@ def bench_registry(label: str, registry_path: str, pairs: list[str], repeats: in
     specs = registry.models_for(registry.select(pairs))
     tokenizers = loading.load_tokenizers(specs, registry.path)
     tokens = len(tokenizers[registry.large])
-    models = {s.name: loading.load_model(s, "cpu", None, s.dtype).model for s in specs}
+    models = {s.name: loading.load_model(s, "cpu", None, s.dtype, registry.path).model for s in specs}
     unchecked = [s.__class__(**{**s.__dict__, "check_weights": False}) for s in specs]
     probe = torch.tensor([tokenizers[registry.large].encode("dlf checks each output layer")[:8]])
     backends = {n: LocalModel(n, m, tokens, torch.device("cpu")) for n, m in models.items()}
@@ -54,7 +54,7 @@ def bench_registry(label: str, registry_path: str, pairs: list[str], repeats: in
         "NaN/inf in every weight": lambda: [loading.check_finite_weights(s, models[s.name]) for s in specs],
         "each split head against its own forward (8 tokens)": lambda: [b.check_head(probe) for b in backends.values()],
     }
-    load = median_time(lambda: [loading.load_model(s, "cpu", None, s.dtype) for s in unchecked], repeats)
+    load = median_time(lambda: [loading.load_model(s, "cpu", None, s.dtype, registry.path) for s in unchecked], repeats)
     print(f"\n{label}: {len(specs)} models, {params / 1e6:.1f}M parameters; loading them (from_pretrained, no checks) {load * 1e3:.1f} ms")
     total = 0.0
     for name, fn in rows.items():

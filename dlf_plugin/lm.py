@@ -117,7 +117,7 @@ class DLFLM(HFLM):
         loading.check_vocabularies(tokenizers, self.registry.large, self.registry.path)
         loading.check_output_vocabularies(specs, len(tokenizers[self.registry.large]), self.registry.path)
 
-        loaded = {s.name: loading.load_model(s, *placements[s.name], dtype or s.dtype) for s in specs}
+        loaded = {s.name: loading.load_model(s, *placements[s.name], dtype or s.dtype, self.registry.path) for s in specs}
         self.loaded = loaded
         tokenizer = tokenizers[self.registry.large]
         with console.preloaded_model():

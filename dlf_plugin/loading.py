@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from dlf_plugin import merging
 from dlf_plugin.backends import ModelFault
 from dlf_plugin.registry import ModelSpec, Registry, RegistryError
 
@@ -73,6 +74,10 @@ def check_sources(specs: list[ModelSpec], registry_path: Path) -> None:
                 f"{registry_path}: models.{spec.name} is a placeholder ({spec.placeholder}); "
                 "replace it by a path: or hub: entry before using it"
             )
+        if spec.merge is not None:
+            check_sources(spec.merge.sources, registry_path)
+            merging.check_merge(spec, registry_path)
+            continue
         if not spec.is_local:
             _check_offline_hub(spec, registry_path)
             continue
@@ -187,7 +192,8 @@ def check_output_vocabularies(specs: list[ModelSpec], tokens: int, registry_path
     any weights load): a smaller head could not score the tokenizer's last ids."""
     for spec in specs:
         try:
-            config = transformers.AutoConfig.from_pretrained(spec.location, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+            location = spec.merge.base.location if spec.merge is not None else spec.location
+            config = transformers.AutoConfig.from_pretrained(location, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise RegistryError(f"{registry_path}: models.{spec.name}: its config.json could not be read: {exc}") from exc
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -234,8 +240,11 @@ def torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def load_model(spec: ModelSpec, device: str | None, device_map: str | None, dtype: str) -> LoadedModel:
-    """``from_pretrained`` one model, safetensors only unless the registry allows pickles."""
+def load_model(spec: ModelSpec, device: str | None, device_map: str | None, dtype: str, registry_path: Path) -> LoadedModel:
+    """``from_pretrained`` one model, safetensors only unless the registry allows pickles; a
+    merge is built first (``dlf_plugin.merging``, cached) and loads from its folder."""
+    if spec.merge is not None:
+        spec = dataclasses.replace(spec, location=str(merging.build(spec, registry_path)))
     kwargs = dict(
         dtype=torch_dtype(dtype),
         trust_remote_code=spec.trust_remote_code,
@@ -291,6 +300,9 @@ def provenance(spec: ModelSpec, model, placed: str) -> dict:
     }
     if spec.is_local:
         record["content_sha256"] = _hash_folder(Path(spec.location))
+    if spec.merge is not None:
+        record["kind"] = "merge"
+        record["merge"] = merging.describe(spec)
     return record
 
 

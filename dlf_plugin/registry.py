@@ -20,7 +20,13 @@ A registry file looks like::
     pairs:
       gsm8k: {expert: gsm8k-expert, base: small-base, tasks: [gsm8k], chat_template: false}
 
-Per model, besides exactly one of ``path``/``hub``/``placeholder``: ``revision``,
+A model may instead be a task-arithmetic merge of local checkpoints of one shape,
+``base + sum_i w_i (model_i - base)``, built at load time (``dlf_plugin.merging``)::
+
+      ta-expert:
+        merge: {base: small-base, models: {gsm8k-expert: 0.5, mmlu-expert: 0.5}}
+
+Per model, besides exactly one of ``path``/``hub``/``placeholder``/``merge``: ``revision``,
 ``tokenizer`` (a path or hub id when the tokenizer lives elsewhere), ``dtype``,
 ``device`` or ``device_map`` (not both), ``allow_pickle`` (default false: only
 safetensors weights load), ``trust_remote_code`` (default false) and ``check_weights``
@@ -55,8 +61,10 @@ _MODEL_KEYS = {
     "allow_pickle",
     "trust_remote_code",
     "check_weights",
+    "merge",
     "note",
 }
+_MERGE_KEYS = {"base", "models"}
 _PAIR_KEYS = {"expert", "base", "tasks", "chat_template", "note"}
 
 
@@ -82,6 +90,8 @@ class ModelSpec:
         trust_remote_code: pass ``trust_remote_code=True`` to transformers.
         placeholder: why this checkpoint is not available, or None.
         check_weights: check every weight for NaN and infinity at load (default true).
+        merge: for a task-arithmetic merge, its recipe (then ``location`` is empty until
+            ``dlf_plugin.merging`` builds it, and ``tokenizer`` is the merge base's).
     """
 
     name: str
@@ -96,6 +106,19 @@ class ModelSpec:
     trust_remote_code: bool
     placeholder: str | None
     check_weights: bool = True
+    merge: MergeSpec | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSpec:
+    """``base + sum_i w_i (model_i - base)`` over local checkpoints of one shape."""
+
+    base: ModelSpec
+    models: tuple[tuple[ModelSpec, float], ...]
+
+    @property
+    def sources(self) -> list[ModelSpec]:
+        return [self.base, *(model for model, _ in self.models)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +318,9 @@ def _parse(path: Path, sha256: str, doc: Any) -> Registry:
         str(key): _parse_model(path, str(key), spec, default_dtype)
         for key, spec in models_doc.items()
     }
+    for key, spec in models_doc.items():
+        if isinstance(spec, dict) and "merge" in spec:
+            models[str(key)] = _parse_merge(where, str(key), spec["merge"], models)
     large = _string(doc["large"], where, "large")
     if large not in models:
         raise RegistryError(
@@ -320,14 +346,18 @@ def _parse_model(path: Path, key: str, spec: Any, default_dtype: str):
     where, at = str(path), f"models.{key}"
     _require_mapping(spec, where, at)
     _check_keys(spec, _MODEL_KEYS, where, at)
-    sources = [k for k in ("path", "hub", "placeholder") if k in spec]
+    sources = [k for k in ("path", "hub", "placeholder", "merge") if k in spec]
     if len(sources) != 1:
         raise RegistryError(
-            f"{where}: {at} must have exactly one of path (local directory), hub (hub id) "
-            f"or placeholder (why it is unavailable); found {sources or 'none'}"
+            f"{where}: {at} must have exactly one of path (local directory), hub (hub id), "
+            f"placeholder (why it is unavailable) or merge (a task-arithmetic merge); found {sources or 'none'}"
         )
     source = sources[0]
-    value = _string(spec[source], where, f"{at}.{source}")
+    if source == "merge":
+        for option in ("revision", "tokenizer", "allow_pickle", "trust_remote_code"):
+            if option in spec:
+                raise RegistryError(f"{where}: {at}.{option} does not apply to a merge (its sources' entries set it)")
+    value = "" if source == "merge" else _string(spec[source], where, f"{at}.{source}")
     if source == "path":
         location = str((path.parent / Path(value).expanduser()).resolve())
     elif source == "hub":
@@ -360,6 +390,43 @@ def _parse_model(path: Path, key: str, spec: Any, default_dtype: str):
         placeholder=value if source == "placeholder" else None,
         check_weights=_bool(spec.get("check_weights", True), where, f"{at}.check_weights"),
     )
+
+
+def _parse_merge(where: str, key: str, spec: Any, models: dict[str, ModelSpec]) -> ModelSpec:
+    """The model ``key`` with its merge recipe resolved against the other models."""
+    at = f"models.{key}.merge"
+    _require_mapping(spec, where, at)
+    _check_keys(spec, _MERGE_KEYS, where, at)
+    for part in sorted(_MERGE_KEYS):
+        if part not in spec:
+            raise RegistryError(f"{where}: {at} is missing required key '{part}' (merge: {{base: <model>, models: {{<model>: <weight>, ...}}}})")
+    parts = spec["models"]
+    _require_mapping(parts, where, f"{at}.models")
+    if not parts:
+        raise RegistryError(f"{where}: {at}.models is empty; name at least one model and its weight")
+
+    def source(name: Any, at: str) -> ModelSpec:
+        _string(name, where, at)
+        found = models.get(name)
+        if found is None:
+            raise RegistryError(f"{where}: {at}: {_clip(name)} is not a key of models (models: {', '.join(models)})")
+        if not found.is_local or found.merge is not None or found.placeholder is not None:
+            raise RegistryError(
+                f"{where}: {at}: {name!r} must be a local checkpoint (path:), not a hub model, a placeholder or "
+                "another merge; merges read safetensors files tensor by tensor"
+            )
+        return found
+
+    base = source(spec["base"], f"{at}.base")
+    weighted = []
+    for name, weight in parts.items():
+        model = source(name, f"{at}.models")
+        if model.name == base.name:
+            raise RegistryError(f"{where}: {at}.models lists the merge base {base.name!r}; list only the models whose task vectors are added")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not -1e3 <= weight <= 1e3:
+            raise RegistryError(f"{where}: {at}.models.{name} must be a number in [-1000, 1000] (the task vector's weight), got {_clip(weight)}")
+        weighted.append((model, float(weight)))
+    return dataclasses.replace(models[key], is_local=True, tokenizer=base.tokenizer, merge=MergeSpec(base, tuple(weighted)))
 
 
 def _parse_pair(where: str, key: str, spec: Any, models: dict[str, ModelSpec], large: str):
