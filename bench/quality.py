@@ -9,7 +9,9 @@ Table 1 (single task): on each seen task, the large base, the large base fine-tu
 that task (the reference fusion tries to reach), the small expert alone, and the large
 base fused with that task's pair by every registered solver (static = proxy-tuning,
 weight 1). Table 2 (multi-task): every task, the unseen one included, with all pairs fused
-at once, beside the large base and the large base fine-tuned on the mix of seen tasks.
+at once, beside the large base and the large base fine-tuned on the mix of seen tasks; and
+the paper's task-arithmetic rows: the four experts merged into one small model (registry
+model ``expert-ta``, weight 0.3 each, chosen on dev), alone and fused as one pair's expert.
 
 Scores are lm-eval's (exact match, or accuracy for the multiple-choice task) with its
 standard errors. "gap closed" is printed both as the paper computes it (fused average /
@@ -23,14 +25,17 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 import lm_eval
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from dlf_plugin import hooks
+from dlf_plugin import hooks, merging
 from dlf_plugin.lm import DLFLM
 from dlf_plugin.registry import load_registry
 
@@ -93,6 +98,19 @@ def margin(fused: tuple[float, float], other: tuple[float, float]) -> float:
     return (x - y) / max(math.hypot(sx, sy), 1e-12)
 
 
+def with_pair(registry, expert: str, folder: Path) -> str:
+    """A copy of ``registry`` (paths made absolute) with a pair ``ta`` of ``expert`` over the small base."""
+    doc = yaml.safe_load(registry.path.read_text())
+    for spec in doc["models"].values():
+        if "path" in spec:
+            spec["path"] = str((registry.path.parent / spec["path"]).resolve())
+    base = next(iter(registry.pairs.values())).base
+    doc["pairs"] = {"ta": {"expert": expert, "base": base}}
+    path = folder / "toy-ta.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
@@ -140,6 +158,14 @@ def main() -> None:
     # No task labels: each request fused with the pair its prompt points to (route=prompt).
     routed = DLFLM(registry="toy", experts="all", route="prompt", solver=default, batch_size=bs)
     t2[f"fused: {default}, route=prompt"] = score(routed, every, manager, args.limit)
+    # Task arithmetic (the paper's integration): the four experts merged into one small model,
+    # alone and as the expert of one pair over the small base.
+    merged = registry.models["expert-ta"]
+    t2["task arithmetic (small)"] = score(hf(merging.build(merged, registry.path), bs), every, manager, args.limit)
+    with tempfile.TemporaryDirectory() as scratch:
+        t2[f"fused: {default}, task arithmetic"] = score(
+            DLFLM(registry=with_pair(registry, "expert-ta", Path(scratch)), experts="ta", solver=default, batch_size=bs),
+            every, manager, args.limit)
     print_table(f"Table 2: multi-task (all {len(pairs)} pairs; {UNSEEN} is unseen by every expert)", every, t2)
     print()
     fused1 = [k for k in t1 if k.startswith("fused")]

@@ -109,10 +109,11 @@ class LocalModel:
         config = self.model.config
         return bool(getattr(self.model, "_can_compile_fullgraph", False)) and not getattr(config, "sliding_window", None)
 
-    def new_cache(self, batch: int, length: int):
+    def new_cache(self, batch: int, length: int, preallocated: bool = True):
         """A KV cache for ``batch`` rows of at most ``length`` tokens: preallocated where the
-        model allows (fixed shapes, so a step can be compiled or captured), else growing."""
-        if self.static_cache:
+        model allows (fixed shapes, so a step can be compiled or captured) and asked for,
+        else growing."""
+        if preallocated and self.static_cache:
             cache = transformers.StaticCache(config=self.model.config, max_cache_len=length)
             cache.dlf_length = length  # transformers names the length differently across versions
             return cache

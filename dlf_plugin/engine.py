@@ -77,8 +77,10 @@ class Sampling:
 # Called once per step with the list of rows still running and their generated ids;
 # returns the rows (a subset) that must stop now.
 StopCheck = Callable[[list[int], list[list[int]]], set[int]]
-# Receives each decoding step's fused result, the rows still running ([B] bool) and the chosen tokens ([B]).
-StepObserver = Callable[[Fused, torch.Tensor, torch.Tensor], None]
+# Receives each decoding step's (or speculative round's) fused result and, per token emitted:
+# its batch row, its row of the fused result, the token, its position in the generation, and
+# whether it was a draft the fusion accepted (the last list None when not speculating).
+StepObserver = Callable[[Fused, list[int], list[int], list[int], list[int], "list[bool] | None"], None]
 
 
 class FusionEngine:
@@ -338,12 +340,12 @@ class FusionEngine:
                 host_ids, flags = report[:batch], report[batch:]
                 if any(flags):
                     self.raise_faults(flags[:-1], flags[-1], fused)
-                if self.observer is not None:
-                    self.observer(fused, ~done, next_ids)
                 stopped = [i for i in range(batch) if not finished[i] and host_ids[i] == eos_token_id]
-                for i in range(batch):
-                    if not finished[i]:
-                        generated[i].append(host_ids[i])
+                running = [i for i in range(batch) if not finished[i]]
+                for i in running:
+                    generated[i].append(host_ids[i])
+                if self.observer is not None:
+                    self.observer(fused, running, running, [host_ids[i] for i in running], [len(generated[i]) - 1 for i in running], None)
                 if stop_check is not None:
                     live = [i for i in range(batch) if not finished[i] and i not in stopped]
                     by_strings = stop_check(live, [generated[i] for i in live])
@@ -362,6 +364,127 @@ class FusionEngine:
             self.release()
         return out[:, : prompt_len + steps]
 
+
+    @_untracked
+    def generate_speculative(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int,
+        pad_token_id: int,
+        draft: int,
+        stop_check: StopCheck | None = None,
+    ) -> torch.Tensor:
+        """Greedy fused decoding, the first pair's expert drafting ``draft`` tokens a round
+        (DESIGN.md section 8); the same tokens as ``generate`` with greedy sampling.
+
+        A round starts from the last emitted token x, which no model has read. The drafter
+        reads x, then its own greedy choices, ``draft`` times: drafts d1..dk, and its hidden
+        states after x, d1, .., d(k-1). Every other model reads [x, d1, .., d(k-1)] in one
+        pass. The solver fuses those k positions per row at once, giving the fused greedy
+        g1..gk; the row keeps g1..g(j+1) (at most k), j being how many drafts equal the
+        fused choice. Drafts past the first disagreement stay in the KV caches, masked out
+        of attention for good, and positions continue from the tokens kept: no cache is cut.
+        With ``draft=1`` a round is a plain fused step. One device-to-host transfer a round:
+        the fused tokens, the accepted counts and the fault flags.
+
+        Returns:
+            ``[B, L + n]`` as ``generate``.
+        """
+        if not self.pairs:
+            raise ValueError("speculative decoding needs an expert pair to draft with")
+        drafter = self.pairs[0].expert
+        batch, prompt_len = input_ids.shape
+        device = self.device
+        width = prompt_len + max_new_tokens * draft
+        full_mask = torch.zeros(batch, width, dtype=attention_mask.dtype, device=device)
+        full_mask[:, :prompt_len] = attention_mask.to(device)
+        position_ids = (full_mask[:, :prompt_len].long().cumsum(-1) - 1).clamp_min(0)
+        caches = {name: self.models[name].new_cache(batch, width, preallocated=False) for name in self.forward_order}
+        offsets = torch.arange(draft, device=device)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        finished = [False] * batch
+        # After the call: rounds (large-model passes after the prefill), drafts made and
+        # accepted over the running rows, tokens generated.
+        self.speculation = dict(rounds=0, drafted=0, accepted=0, tokens=0)
+        try:
+            # Prefill: every model reads the prompt; the fused first token is x.
+            hidden = {
+                name: self.models[name].hidden(input_ids.to(device), full_mask[:, :prompt_len], position_ids, caches[name])[:, -1:]
+                for name in self.forward_order
+            }
+            tokens = self._fuse_greedy(hidden, torch.ones(batch, dtype=torch.bool, device=device))  # [B, 1]
+            accepted = torch.zeros(batch, dtype=torch.long, device=device)
+            next_pos = position_ids[:, -1] + 1
+            length = prompt_len
+            while True:
+                report = torch.cat([tokens.flatten(), accepted, self._faults.long(), self._bad.view(1)]).tolist()
+                kept, counts, flags = report[: tokens.numel()], report[tokens.numel() : tokens.numel() + batch], report[tokens.numel() + batch :]
+                self.speculation["accepted"] += sum(counts[r] for r in range(batch) if not finished[r])
+                if any(flags):
+                    self.raise_faults(flags[:-1], flags[-1], self._last)
+                step = tokens.shape[1]
+                emitted = []  # (row, fused row, token, position, drafted) for the observer
+                for i in range(step):  # token by token, as plain decoding stops
+                    rows = [r for r in range(batch) if not finished[r] and i <= min(counts[r], step - 1)]
+                    for r in rows:
+                        generated[r].append(kept[r * step + i])
+                        emitted.append((r, r * step + i, kept[r * step + i], len(generated[r]) - 1, i < counts[r]))
+                    stopped = {r for r in rows if generated[r][-1] == eos_token_id or len(generated[r]) >= max_new_tokens}
+                    if stop_check is not None:
+                        live = [r for r in rows if r not in stopped]
+                        stopped |= stop_check(live, [generated[r] for r in live]) if live else set()
+                    for r in stopped:
+                        finished[r] = True
+                if self.observer is not None and emitted:
+                    self.observer(self._last, *map(list, zip(*sorted(emitted))))
+                if all(finished):
+                    break
+                # x: each row's last kept token (on the device, no sync).
+                last = accepted.clamp_max(step - 1).unsqueeze(1)
+                x = tokens.gather(1, last)  # [B, 1]
+                running = torch.tensor([not f for f in finished], device=device)
+                # Draft: the drafter reads x, d1, .., d(k-1).
+                feed, drafted, drafter_hidden = x, [], []
+                for i in range(draft):
+                    column = length + i
+                    full_mask[:, column] = 1
+                    h = self.models[drafter].hidden(feed, full_mask[:, : column + 1], (next_pos + i).unsqueeze(1), caches[drafter])[:, -1:]
+                    drafter_hidden.append(h)
+                    feed = self.models[drafter].logits(h[:, 0]).argmax(-1, keepdim=True)
+                    drafted.append(feed)
+                drafts = torch.cat(drafted, dim=1)  # [B, k]: d1..dk
+                fed = torch.cat([x, drafts[:, :-1]], dim=1)  # [B, k]: x, d1..d(k-1)
+                mask = full_mask[:, : length + draft]
+                positions = next_pos.unsqueeze(1) + offsets
+                hidden = {name: self.models[name].hidden(fed, mask, positions, caches[name]) for name in self.forward_order if name != drafter}
+                hidden[drafter] = torch.cat(drafter_hidden, dim=1)
+                tokens = self._fuse_greedy(hidden, running.repeat_interleave(draft))  # [B, k]: g1..gk
+                self.speculation["rounds"] += 1
+                self.speculation["drafted"] += draft * int(sum(1 for f in finished if not f))
+                # j: leading drafts equal to the fused choice; the row keeps g1..g(j+1), at most k.
+                accepted = (drafts == tokens).long().cumprod(1).sum(1)
+                # Fed tokens past the first disagreement are masked out for good.
+                full_mask[:, length : length + draft] = (offsets <= accepted.unsqueeze(1)).to(full_mask.dtype)
+                next_pos = next_pos + (accepted + 1).clamp_max(draft)
+                length += draft
+        finally:
+            self.release()
+        self.speculation["tokens"] = sum(map(len, generated))
+        out = torch.full((batch, prompt_len + max(map(len, generated))), pad_token_id, dtype=torch.long)
+        out[:, :prompt_len] = input_ids.cpu()
+        for r, row in enumerate(generated):
+            out[r, prompt_len : prompt_len + len(row)] = torch.tensor(row, dtype=torch.long)
+        return out.to(device)
+
+    def _fuse_greedy(self, hidden: dict[str, torch.Tensor], row_mask: torch.Tensor) -> torch.Tensor:
+        """The fused greedy tokens ``[B, k]`` from every model's hidden states ``[B, k, H]``;
+        keeps the fault flags and the result for the round's one transfer."""
+        batch, k = next(iter(hidden.values())).shape[:2]
+        logits, self._faults = self._logits({name: h.reshape(batch * k, -1) for name, h in hidden.items()})
+        self._last, self._bad = self._fuse_rows(logits, row_mask)
+        return self._last.logits.argmax(-1).view(batch, k)
 
 def choose_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """Greedy argmax, or a sample after temperature, top-k and top-p; ``[N, V] -> [N]``."""

@@ -36,7 +36,7 @@ console.install()
 
 # model_args that dlf itself reads (everything else goes to the solver) and HFLM's
 # that dlf passes through.
-DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "route_tokens", "fusion_memory")
+DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "route_tokens", "fusion_memory", "speculate")
 ROUTES = ("none", "task", "prompt")
 PASSED_TO_HFLM = ("batch_size", "max_batch_size", "max_length", "add_bos_token", "prefix_token_id", "truncation", "logits_cache")
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k")
@@ -70,6 +70,9 @@ class DLFLM(HFLM):
             the whole prompt).
         fusion_memory: MiB that scoring spends on fused positions at once (default 1024);
             positions are fused in chunks that fit, whatever the batch and its length.
+        speculate: greedy generation drafts this many tokens a round with the first chosen
+            pair's expert and keeps those the fusion agrees with (the same tokens, fewer
+            large-model passes; DESIGN.md section 8); 0 (default) or 1 decode plainly.
         device: from ``--device``: the device of models the registry places nowhere.
         **kwargs: HFLM batching options (batch_size, max_length, ...) and the solver's options.
     """
@@ -85,6 +88,7 @@ class DLFLM(HFLM):
         route: str | None = "none",
         fusion_memory: int | str = DEFAULT_FUSION_MEMORY // 1024**2,
         route_tokens: int | str = ROUTE_TOKENS,
+        speculate: int | str = 0,
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -104,6 +108,9 @@ class DLFLM(HFLM):
             raise RegistryError(f"model_args dtype={dtype!r} is not one of {', '.join(DTYPES)}")
         memory = arguments.whole_number("fusion_memory", fusion_memory) * 1024**2
         self.route_tokens = arguments.whole_number("route_tokens", route_tokens, minimum=0)
+        self.speculate = arguments.whole_number("speculate", speculate, minimum=0)
+        if self.speculate > 1 and not pair_specs:
+            raise RegistryError("model_args speculate needs at least one expert pair: the first pair's expert drafts")
         arguments.check_hflm_args(hflm_args)
         arguments.check_placement(placement)
         arguments.check_trace_path(trace)
@@ -431,27 +438,39 @@ class DLFLM(HFLM):
             }
 
         if self.tracer is not None:
-            ids, step = self.tracer.new_requests(context.shape[0]), [0]
+            ids = self.tracer.new_requests(context.shape[0])
 
             prompts = [self.tok_decode(row[mask.bool()].tolist()) for row, mask in zip(context, attention_mask)]
 
-            def observe(fused, running, next_ids):
+            def observe(fused, rows, fused_rows, tokens, positions, drafted):
                 # Tracing reads more than the step's one transfer: it is for inspection, not speed.
-                rows = running.nonzero().flatten()
-                tokens = next_ids.tolist()
-                weights = fused.weights.index_select(0, rows)
+                picked = torch.tensor(fused_rows, device=fused.weights.device)
+                weights = fused.weights.index_select(0, picked)
                 losses = None
                 if fused.pairs:
                     inputs = fused.inputs
-                    picked = FusionInputs(*(t.index_select(0, rows) for t in (inputs.base_logits, inputs.small_logits, inputs.expert_logits, inputs.row_mask)))
-                    losses = dlf_loss(picked, weights)
-                rows = rows.tolist()
-                first = [prompts[r] for r in rows] if step[0] == 0 else None
-                self.tracer.write("generate", [ids[r] for r in rows], [step[0]] * len(rows), [tokens[r] for r in rows], weights, losses, fused.pairs, first)
-                step[0] += 1
+                    chosen = FusionInputs(*(t.index_select(0, picked) for t in (inputs.base_logits, inputs.small_logits, inputs.expert_logits, inputs.row_mask)))
+                    losses = dlf_loss(chosen, weights)
+                first = [prompts[r] if p == 0 else None for r, p in zip(rows, positions)]
+                self.tracer.write("generate", [ids[r] for r in rows], positions, tokens, weights, losses, fused.pairs, first, drafted)
 
             self.engine.observer = observe
         try:
+            if self.speculate > 1:
+                if sampling.do_sample:
+                    raise arguments.RequestError(
+                        "model_args speculate: sampling (do_sample=true in gen_kwargs) is refused; speculative decoding "
+                        "keeps fused greedy tokens only (the speculative-sampling rule is not implemented): drop speculate"
+                    )
+                return self.engine.generate_speculative(
+                    context,
+                    attention_mask,
+                    max_new_tokens=max_length - context.shape[1],
+                    eos_token_id=self.eot_token_id,
+                    pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
+                    draft=self.speculate,
+                    stop_check=stop_check,
+                )
             return self.engine.generate(
                 context,
                 attention_mask,
@@ -489,6 +508,7 @@ class DLFLM(HFLM):
                 ],
                 "route": self.route,
                 **({"route_tokens": self.route_tokens} if self.route == "prompt" else {}),
+                **({"speculate": self.speculate} if self.speculate > 1 else {}),
                 **({"routes": dict(self.routes)} if self.routed else {}),
                 "solver": {**self.engine.solver.describe(), "plugin": self.engine.plugin, **self._uncertified()},
                 "versions": {pkg: _version(pkg) for pkg in ("torch", "transformers", "lm_eval", "pluggy")},

@@ -30,8 +30,9 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
-# Files beside the weights that the merged folder copies from the merge base.
-COPIED = ("config.json", "generation_config.json")
+# The merged folder copies every file of the merge base's folder but its weights (config,
+# generation config, tokenizer): it loads anywhere a checkpoint folder does.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
 def cache_root() -> Path:
@@ -135,9 +136,9 @@ def build(spec: ModelSpec, registry_path: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        for name in COPIED:
-            if (Path(spec.merge.base.location) / name).is_file():
-                shutil.copyfile(Path(spec.merge.base.location) / name, partial / name)
+        for path in Path(spec.merge.base.location).iterdir():
+            if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copyfile(path, partial / path.name)
         write_merge(spec, sources, partial / "model.safetensors")
         (partial / "dlf-merge.json").write_text(json.dumps(describe(spec), indent=1) + "\n")
         os.replace(partial, folder)

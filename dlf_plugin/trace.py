@@ -41,10 +41,11 @@ class TraceWriter:
         self.requests += count
         return ids
 
-    def write(self, kind, requests, positions, tokens, weights, losses, pairs, prompts=None) -> None:
+    def write(self, kind, requests, positions, tokens, weights, losses, pairs, prompts=None, drafted=None) -> None:
         """One line per fused position: ``weights [n, P]`` and ``losses [n]`` (None: no pairs,
         loss 0) tensors; ``prompts``, if given, adds each row's prompt text (dlf gives it on a
-        request's first line)."""
+        request's first line); ``drafted``, if given (speculative decoding), whether each token
+        was a draft the fusion accepted (false: the fused token at a disagreement)."""
         weights = weights.tolist()
         losses = losses.tolist() if losses is not None else [0.0] * len(weights)
         lines = []
@@ -60,6 +61,8 @@ class TraceWriter:
             }
             if prompts is not None and prompts[row] is not None:
                 record["prompt"] = prompts[row]
+            if drafted is not None:
+                record["drafted"] = drafted[row]
             lines.append(json.dumps(record) + "\n")
         data = memoryview("".join(lines).encode())
         with self.path.open("ab", buffering=0) as handle:

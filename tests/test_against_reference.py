@@ -158,7 +158,7 @@ def test_cached_decoding_equals_recomputation(dlf_two_pairs):
     lm = dlf_two_pairs
     context, mask = lm.tok_batch_encode(PROMPTS)
     steps = []
-    lm.engine.observer = lambda fused, rows, tokens: steps.append(fused.logits.clone())
+    lm.engine.observer = lambda fused, *emitted: steps.append(fused.logits.clone())
     try:
         out = lm._model_generate(context, context.shape[1] + 6, stop=[], attention_mask=mask, do_sample=False)
     finally:

@@ -1,0 +1,152 @@
+"""Speculative fused decoding against plain fused decoding and the large model alone, on the
+toy world's tasks through lm-eval.
+
+    python bench/speculative.py [--split dev|test] [--drafts 2 3 4 6] [--batches 1 8] [--limit 100] [--long]
+
+Each seen task is fused with its own pair (its expert drafts). Per batch size and k: the
+drafts accepted, large-model forward passes per generated token (prefill included, counted
+by a hook on the large model's body), and wall time per generated token against plain fused
+decoding and against the large model alone (lm-eval's HFLM), timed in turns in one process.
+Every speculative run's texts are checked against plain decoding's. The best k is chosen on
+``--split dev``; ``--split test`` only reports (``--drafts`` then takes the chosen k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import lm_eval
+import torch
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from dlf_plugin.lm import DLFLM
+from dlf_plugin.registry import load_registry
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --long: the same prompts generating 32 tokens, past the answer's line (the tasks stop at
+# "\n" after 1-4 tokens, too few for drafts to save passes: the first token of each request
+# comes from its prefill).
+LONG = {"until": ["<never>"], "max_gen_toks": 32}
+
+
+def run(lm, task: str, manager, limit, gen_kwargs=None) -> tuple[list[str], float]:
+    """The task's generated texts and the seconds lm-eval took."""
+    start = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=True,
+                                  bootstrap_iters=0, gen_kwargs=gen_kwargs)
+    seconds = time.perf_counter() - start
+    return [s["resps"][0][0] for s in out["samples"][task]], seconds
+
+
+class Passes:
+    """Forward calls of one model's body."""
+
+    def __init__(self, model) -> None:
+        self.count = 0
+        model.base_model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        self.count += 1
+
+
+def target(name: str, value: float, goal: float) -> bool:
+    ok = value <= goal
+    print(f"target {name}: {value:.3f} (goal <= {goal}) {'PASS' if ok else 'FAIL'}")
+    return ok
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--split", choices=["dev", "test"], default="test")
+    ap.add_argument("--drafts", type=int, nargs="+", default=[3])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--limit", type=int, default=100, help="questions per task")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--long", action="store_true", help="generate 32 tokens per prompt instead of the answer's line")
+    args = ap.parse_args()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    registry = load_registry("toy")
+    manager = TaskManager(include_path=str(REPO / "tasks" / "toy"))
+    suffix = "_dev" if args.split == "dev" else ""
+    tasks = {pair: spec.tasks[0] + suffix for pair, spec in registry.pairs.items()}
+    print(f"split {args.split}, {'32 tokens' if args.long else 'the answer line'} per prompt, {args.limit} questions per task, tasks {', '.join(tasks.values())}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    ok = True
+    best = {}
+    for batch in args.batches:
+        large = HFLM(pretrained=registry.models[registry.large].location, device="cpu", dtype="float32", batch_size=batch)
+        rows = {}
+        for pair, task in tasks.items():
+            lms = {0: DLFLM(registry="toy", experts=pair, batch_size=batch)}
+            lms.update({k: DLFLM(registry="toy", experts=pair, batch_size=batch, speculate=k) for k in args.drafts})
+            counters = {k: Passes(lm.engine.models[registry.large].model) for k, lm in lms.items()}
+            stats = {k: dict(drafted=0, accepted=0, tokens=0) for k in args.drafts}
+            calls = dict.fromkeys(lms, 0)  # generate calls: one prefill pass of the large model each
+            for k, lm in lms.items():
+                name = "generate_speculative" if k else "generate"
+                engine, generate = lm.engine, getattr(lm.engine, name)
+
+                def counted(*a, engine=engine, generate=generate, k=k, **kw):
+                    out = generate(*a, **kw)
+                    calls[k] += 1
+                    for key in stats.get(k, {}):
+                        stats[k][key] += engine.speculation[key]
+                    return out
+
+                setattr(engine, name, counted)
+            times = {k: [] for k in lms} | {"large": []}
+            texts = {}
+            for _ in range(args.repeats):  # in turns, so that drifts of the machine hit all alike
+                for k, lm in lms.items():
+                    counters[k].count = calls[k] = 0
+                    texts[k], seconds = run(lm, task, manager, args.limit, LONG if args.long else None)
+                    times[k].append(seconds)
+                _, seconds = run(large, task, manager, args.limit, LONG if args.long else None)
+                times["large"].append(seconds)
+            for k in args.drafts:
+                assert texts[k] == texts[0], f"{task}: speculate={k} differs from plain fused decoding"
+            # Tokens per run: the speculative engine counts them (the same tokens as plain).
+            k0 = args.drafts[0]
+            tokens = stats[k0]["tokens"] / args.repeats
+            per = {k: statistics.median(t) / tokens for k, t in times.items()}
+            requests = args.limit
+            # Large passes per token: all of them (a prefill per batch included), and in the
+            # decoding phase only (rounds or steps after each request's first token).
+            rows[task] = (tokens, per, {k: counters[k].count / tokens for k in lms},
+                          {k: stats[k]["accepted"] / max(1, stats[k]["drafted"]) for k in args.drafts},
+                          {k: (counters[k].count - calls[k]) / (tokens - requests) for k in lms})
+        print(f"\nbatch {batch}: ms per generated token (lm-eval end to end), large passes per token, drafts accepted")
+        for task, (tokens, per, passes, accept, decoding) in rows.items():
+            print(f"  {task:<14} {tokens:6.0f} tokens  plain fused {per[0] * 1e3:6.2f}  large alone {per['large'] * 1e3:6.2f}  "
+                  f"large passes per token {passes[0]:.2f} ({decoding[0]:.2f} after the first)")
+            for k in args.drafts:
+                print(f"      speculate={k}: {per[k] * 1e3:6.2f} ms ({per[k] / per[0]:.2f}x plain, {per[k] / per['large']:.2f}x large alone), "
+                      f"large passes per token {passes[k]:.2f} ({decoding[k]:.2f} after the first), {100 * accept[k]:.0f}% of drafts accepted")
+        for k in args.drafts:
+            total = sum(r[0] for r in rows.values())
+            passes = sum(r[0] * r[2][k] for r in rows.values()) / total
+            after_first = sum((r[0] - args.limit) * r[4][k] for r in rows.values()) / (total - args.limit * len(rows))
+            ratio = sum(r[0] * r[1][k] for r in rows.values()) / sum(r[0] * r[1][0] for r in rows.values())
+            vs_large = sum(r[0] * r[1][k] for r in rows.values()) / sum(r[0] * r[1]["large"] for r in rows.values())
+            print(f"  all tasks, speculate={k}: {ratio:.3f}x plain fused, {vs_large:.3f}x large alone, {passes:.3f} large passes "
+                  f"per token ({after_first:.3f} after each request's first token)")
+            best.setdefault(batch, {})[k] = (passes, ratio, after_first)
+    for batch, by_k in best.items():
+        k = min(by_k, key=lambda k: by_k[k][1])
+        print(f"\nbatch {batch}: fastest k = {k}")
+        ok &= target(f"speculative_large_passes_per_token_batch{batch}", by_k[k][0], 0.5)
+        print(f"  (decoding phase only, after each request's first token: {by_k[k][2]:.3f})")
+        if batch == 1:
+            ok &= target("speculative_vs_plain_batch1", by_k[k][1], 0.7)
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
