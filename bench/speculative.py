@@ -116,27 +116,29 @@ def main() -> None:
             k0 = args.drafts[0]
             tokens = stats[k0]["tokens"] / args.repeats
             per = {k: statistics.median(t) / tokens for k, t in times.items()}
-            requests = args.limit
             # Large passes per token: all of them (a prefill per batch included), and in the
             # decoding phase only (rounds or steps after each request's first token).
-            rows[task] = (tokens, per, {k: counters[k].count / tokens for k in lms},
+            # Per sequence: against plain fused decoding, which makes one pass per token and
+            # sequence (a batched pass serves every row of its batch); at batch 1, per token.
+            rows[task] = (tokens, per, {k: counters[k].count / counters[0].count for k in lms},
                           {k: stats[k]["accepted"] / max(1, stats[k]["drafted"]) for k in args.drafts},
-                          {k: (counters[k].count - calls[k]) / (tokens - requests) for k in lms})
-        print(f"\nbatch {batch}: ms per generated token (lm-eval end to end), large passes per token, drafts accepted")
-        for task, (tokens, per, passes, accept, decoding) in rows.items():
+                          {k: (counters[k].count - calls[k]) / (counters[0].count - calls[0]) for k in lms},
+                          {k: (counters[k].count, calls[k]) for k in lms})
+        print(f"\nbatch {batch}: ms per generated token (lm-eval end to end); large-model passes per token and sequence (plain "
+              "fused decoding: 1), in all and after each request's first token (its prefill's); drafts accepted")
+        for task, (tokens, per, passes, accept, decoding, _) in rows.items():
             print(f"  {task:<14} {tokens:6.0f} tokens  plain fused {per[0] * 1e3:6.2f}  large alone {per['large'] * 1e3:6.2f}  "
-                  f"large passes per token {passes[0]:.2f} ({decoding[0]:.2f} after the first)")
+                  f"large passes {passes[0]:.2f} ({decoding[0]:.2f} after the first)")
             for k in args.drafts:
                 print(f"      speculate={k}: {per[k] * 1e3:6.2f} ms ({per[k] / per[0]:.2f}x plain, {per[k] / per['large']:.2f}x large alone), "
-                      f"large passes per token {passes[k]:.2f} ({decoding[k]:.2f} after the first), {100 * accept[k]:.0f}% of drafts accepted")
+                      f"large passes {passes[k]:.2f} ({decoding[k]:.2f} after the first), {100 * accept[k]:.0f}% of drafts accepted")
         for k in args.drafts:
-            total = sum(r[0] for r in rows.values())
-            passes = sum(r[0] * r[2][k] for r in rows.values()) / total
-            after_first = sum((r[0] - args.limit) * r[4][k] for r in rows.values()) / (total - args.limit * len(rows))
+            passes = sum(r[5][k][0] for r in rows.values()) / sum(r[5][0][0] for r in rows.values())
+            after_first = sum(r[5][k][0] - r[5][k][1] for r in rows.values()) / sum(r[5][0][0] - r[5][0][1] for r in rows.values())
             ratio = sum(r[0] * r[1][k] for r in rows.values()) / sum(r[0] * r[1][0] for r in rows.values())
             vs_large = sum(r[0] * r[1][k] for r in rows.values()) / sum(r[0] * r[1]["large"] for r in rows.values())
             print(f"  all tasks, speculate={k}: {ratio:.3f}x plain fused, {vs_large:.3f}x large alone, {passes:.3f} large passes "
-                  f"per token ({after_first:.3f} after each request's first token)")
+                  f"per token and sequence ({after_first:.3f} after each request's first token)")
             best.setdefault(batch, {})[k] = (passes, ratio, after_first)
     for batch, by_k in best.items():
         k = min(by_k, key=lambda k: by_k[k][1])

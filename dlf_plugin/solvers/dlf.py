@@ -112,17 +112,21 @@ class _Problem:
         reusable ``[N P, V]`` buffers (whole rows copied, far faster on a CPU than advanced
         indexing); the tilt overwrites the base rows in place. The working set stays 2 N P
         rows of V however many directions are asked (the adaptive schedule asks up to
-        ``ADAPTIVE_POINTS`` per direction).
+        ``ADAPTIVE_POINTS`` per direction), or 2 ``ADAPTIVE_POINTS`` rows where N P is smaller.
         """
         n, p, v = self.shape
         flat = self.centred.view(n * p, v)
+        # At least a direction's certification points at once: a row or two (decoding) would
+        # otherwise pay a pass's fixed cost per point.
+        size = max(n * p, ADAPTIVE_POINTS)
         pieces = []
-        for start in range(0, len(rows), n * p):
-            r, k = rows[start : start + n * p], pairs[start : start + n * p]
-            base = torch.index_select(self.base, 0, r, out=self.scratch(len(r)))
-            centred = self.workspace.get("gathered", (n * p, v), self.base)[: len(r)]
+        for start in range(0, len(rows), size):
+            r, k = rows[start : start + size], pairs[start : start + size]
+            into = self.scratch(len(r)) if len(r) <= n * p else self.workspace.get("scratch-points", (size, v), self.base)[: len(r)]
+            base = torch.index_select(self.base, 0, r, out=into)
+            centred = self.workspace.get("gathered", (size, v), self.base)[: len(r)]
             torch.index_select(flat, 0, r * p + k, out=centred)
-            pieces.append(tilt(base, centred, t[start : start + n * p], self.base_lse.index_select(0, r), out=base))
+            pieces.append(tilt(base, centred, t[start : start + size], self.base_lse.index_select(0, r), out=base))
         return [torch.cat(parts) for parts in zip(*pieces)] if len(pieces) > 1 else list(pieces[0])
 
     def stats_at(self, rows: torch.Tensor, pairs: torch.Tensor, t: torch.Tensor) -> TiltStats:
