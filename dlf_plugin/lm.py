@@ -8,8 +8,11 @@ positions; generation keeps one KV cache per model.
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import json
+import os
+from pathlib import Path
 import logging
 from typing import Any
 
@@ -63,7 +66,8 @@ class DLFLM(HFLM):
             lm-eval task; a task none of them lists gets them all (the paper's unseen tasks).
         solver: a registered solver's name (default ``dlf``).
         dtype: overrides every model's registry dtype (auto, float32, float16, bfloat16).
-        trace: path of a JSONL file receiving the per-token weights of every generation.
+        trace: path of a JSONL file receiving the per-token weights of every generation
+            (under data parallelism, process r > 0 writes ``<stem>.rank<r><suffix>`` beside it).
         placement: overrides every model's registry placement: a device (``cuda:1``,
             ``cpu``) or ``auto`` (``device_map=auto``).
         route_tokens: route=prompt: how many of the prompt's last tokens decide (default 1; 0:
@@ -113,6 +117,17 @@ class DLFLM(HFLM):
             raise RegistryError("model_args speculate needs at least one expert pair: the first pair's expert drafts")
         arguments.check_hflm_args(hflm_args)
         arguments.check_placement(placement)
+        accelerator = _data_parallel()
+        if accelerator is not None:
+            if placement is not None:
+                raise RegistryError(
+                    f"model_args placement={placement!r} under data parallelism ({accelerator.num_processes} processes): "
+                    "each process places every model on its own device; drop placement"
+                )
+            placement = str(accelerator.device)
+            if trace:  # one trace per process: trace.jsonl, trace.rank1.jsonl, ...
+                path = Path(trace)
+                trace = str(path.with_name(f"{path.stem}.rank{accelerator.process_index}{path.suffix}")) if accelerator.process_index else trace
         arguments.check_trace_path(trace)
 
         specs = self.registry.models_for(pair_specs)
@@ -129,6 +144,9 @@ class DLFLM(HFLM):
         tokenizer = tokenizers[self.registry.large]
         with console.preloaded_model():
             super().__init__(pretrained=loaded[self.registry.large].model, tokenizer=tokenizer, **hflm_args)
+        if accelerator is not None:  # lm-eval shards the requests by rank and gathers on rank 0
+            self.accelerator = accelerator
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         vocab = min([len(tokenizer)] + [loading.output_vocab_size(m.model) for m in loaded.values()])
         large_device = next(loaded[self.registry.large].model.parameters()).device
         backends = {name: LocalModel(name, m.model, vocab, large_device) for name, m in loaded.items()}
@@ -567,6 +585,18 @@ def _claim_cache(db, identity: dict) -> None:
             "lm-eval keys cached answers by request alone, so that configuration's answers would be taken for this "
             "run's. Pass another --use_cache path per configuration, or delete that file"
         )
+
+
+def _data_parallel():
+    """The process group when launched as one of several processes (``accelerate launch``,
+    ``torchrun``): an ``accelerate.Accelerator`` on this process's device; else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    # Without a GPU, accelerate joins the processes only when told to use the CPU (gloo).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=24))])
+    return accelerator if accelerator.num_processes > 1 else None
 
 
 def _reject_device(args: dict) -> None:
