@@ -414,16 +414,17 @@ class FusionEngine:
                 name: self.models[name].hidden(input_ids.to(device), full_mask[:, :prompt_len], position_ids, caches[name])[:, -1:]
                 for name in self.forward_order
             }
-            tokens = self._fuse_greedy(hidden, torch.ones(batch, dtype=torch.bool, device=device))  # [B, 1]
+            tokens, fused, flags = self._fuse_greedy(hidden, torch.ones(batch, dtype=torch.bool, device=device))  # [B, 1]
             accepted = torch.zeros(batch, dtype=torch.long, device=device)
             next_pos = position_ids[:, -1] + 1
             length = prompt_len
             while True:
-                report = torch.cat([tokens.flatten(), accepted, self._faults.long(), self._bad.view(1)]).tolist()
-                kept, counts, flags = report[: tokens.numel()], report[tokens.numel() : tokens.numel() + batch], report[tokens.numel() + batch :]
+                report = torch.cat([tokens.flatten(), accepted, flags]).tolist()
+                n = tokens.numel()
+                kept, counts, faults = report[:n], report[n : n + batch], report[n + batch :]
                 self.speculation["accepted"] += sum(counts[r] for r in range(batch) if not finished[r])
-                if any(flags):
-                    self.raise_faults(flags[:-1], flags[-1], self._last)
+                if any(faults):
+                    self.raise_faults(faults[:-1], faults[-1], fused)
                 step = tokens.shape[1]
                 emitted = []  # (row, fused row, token, position, drafted) for the observer
                 for i in range(step):  # token by token, as plain decoding stops
@@ -438,7 +439,7 @@ class FusionEngine:
                     for r in stopped:
                         finished[r] = True
                 if self.observer is not None and emitted:
-                    self.observer(self._last, *map(list, zip(*sorted(emitted))))
+                    self.observer(fused, *map(list, zip(*sorted(emitted))))
                 if all(finished):
                     break
                 # x: each row's last kept token (on the device, no sync).
@@ -460,9 +461,9 @@ class FusionEngine:
                 positions = next_pos.unsqueeze(1) + offsets
                 hidden = {name: self.models[name].hidden(fed, mask, positions, caches[name]) for name in self.forward_order if name != drafter}
                 hidden[drafter] = torch.cat(drafter_hidden, dim=1)
-                tokens = self._fuse_greedy(hidden, running.repeat_interleave(draft))  # [B, k]: g1..gk
+                tokens, fused, flags = self._fuse_greedy(hidden, running.repeat_interleave(draft))  # [B, k]: g1..gk
                 self.speculation["rounds"] += 1
-                self.speculation["drafted"] += draft * int(sum(1 for f in finished if not f))
+                self.speculation["drafted"] += draft * finished.count(False)
                 # j: leading drafts equal to the fused choice; the row keeps g1..g(j+1), at most k.
                 accepted = (drafts == tokens).long().cumprod(1).sum(1)
                 # Fed tokens past the first disagreement are masked out for good.
@@ -478,13 +479,14 @@ class FusionEngine:
             out[r, prompt_len : prompt_len + len(row)] = torch.tensor(row, dtype=torch.long)
         return out.to(device)
 
-    def _fuse_greedy(self, hidden: dict[str, torch.Tensor], row_mask: torch.Tensor) -> torch.Tensor:
-        """The fused greedy tokens ``[B, k]`` from every model's hidden states ``[B, k, H]``;
-        keeps the fault flags and the result for the round's one transfer."""
+    def _fuse_greedy(self, hidden: dict[str, torch.Tensor], row_mask: torch.Tensor) -> tuple[torch.Tensor, Fused, torch.Tensor]:
+        """The fused greedy tokens ``[B, k]`` from every model's hidden states ``[B, k, H]``,
+        the fused result, and the fault flags (per model, then the solver's count) for the
+        round's one transfer."""
         batch, k = next(iter(hidden.values())).shape[:2]
-        logits, self._faults = self._logits({name: h.reshape(batch * k, -1) for name, h in hidden.items()})
-        self._last, self._bad = self._fuse_rows(logits, row_mask)
-        return self._last.logits.argmax(-1).view(batch, k)
+        logits, faults = self._logits({name: h.reshape(batch * k, -1) for name, h in hidden.items()})
+        fused, bad = self._fuse_rows(logits, row_mask)
+        return fused.logits.argmax(-1).view(batch, k), fused, torch.cat([faults.long(), bad.view(1)])
 
 def choose_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """Greedy argmax, or a sample after temperature, top-k and top-p; ``[N, V] -> [N]``."""

@@ -11,9 +11,9 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import logging
 import os
 from pathlib import Path
-import logging
 from typing import Any
 
 import torch
@@ -473,31 +473,21 @@ class DLFLM(HFLM):
                 self.tracer.write("generate", [ids[r] for r in rows], positions, tokens, weights, losses, fused.pairs, first, drafted)
 
             self.engine.observer = observe
+        common = dict(
+            max_new_tokens=max_length - context.shape[1],
+            eos_token_id=self.eot_token_id,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
+            stop_check=stop_check,
+        )
         try:
-            if self.speculate > 1:
-                if sampling.do_sample:
-                    raise arguments.RequestError(
-                        "model_args speculate: sampling (do_sample=true in gen_kwargs) is refused; speculative decoding "
-                        "keeps fused greedy tokens only (the speculative-sampling rule is not implemented): drop speculate"
-                    )
-                return self.engine.generate_speculative(
-                    context,
-                    attention_mask,
-                    max_new_tokens=max_length - context.shape[1],
-                    eos_token_id=self.eot_token_id,
-                    pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
-                    draft=self.speculate,
-                    stop_check=stop_check,
+            if self.speculate <= 1:
+                return self.engine.generate(context, attention_mask, sampling=sampling, **common)
+            if sampling.do_sample:
+                raise arguments.RequestError(
+                    "model_args speculate: sampling (do_sample=true in gen_kwargs) is refused; speculative decoding "
+                    "keeps fused greedy tokens only (the speculative-sampling rule is not implemented): drop speculate"
                 )
-            return self.engine.generate(
-                context,
-                attention_mask,
-                max_new_tokens=max_length - context.shape[1],
-                sampling=sampling,
-                eos_token_id=self.eot_token_id,
-                pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
-                stop_check=stop_check,
-            )
+            return self.engine.generate_speculative(context, attention_mask, draft=self.speculate, **common)
         finally:
             self.engine.observer = None
 
