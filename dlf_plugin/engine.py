@@ -376,16 +376,16 @@ class FusionEngine:
         draft: int,
         stop_check: StopCheck | None = None,
     ) -> torch.Tensor:
-        """Greedy fused decoding, the first pair's expert drafting ``draft`` tokens a round
-        (DESIGN.md section 8); the same tokens as ``generate`` with greedy sampling.
+        """Greedy fused decoding of up to ``draft`` tokens a round, the first pair's expert
+        drafting (DESIGN.md section 8); the same tokens as ``generate`` with greedy sampling.
 
         A round starts from the last emitted token x, which no model has read. The drafter
-        reads x, then its own greedy choices, ``draft`` times: drafts d1..dk, and its hidden
-        states after x, d1, .., d(k-1). Every other model reads [x, d1, .., d(k-1)] in one
-        pass. The solver fuses those k positions per row at once, giving the fused greedy
-        g1..gk; the row keeps g1..g(j+1) (at most k), j being how many drafts equal the
-        fused choice. Drafts past the first disagreement stay in the KV caches, masked out
-        of attention for good, and positions continue from the tokens kept: no cache is cut.
+        reads x, then its own greedy choices, k = ``draft`` times: drafts d1..d(k-1), and its
+        hidden states after x, d1, .., d(k-1). Every other model reads [x, d1, .., d(k-1)] in
+        one pass. The solver fuses those k positions per row at once, giving the fused greedy
+        g1..gk; the row keeps g1..g(j+1), j being how many drafts equal the fused choice.
+        Drafts past the first disagreement stay in the KV caches, masked out of attention
+        for good, and positions continue from the tokens kept: no cache is cut.
         With ``draft=1`` a round is a plain fused step. One device-to-host transfer a round:
         the fused tokens, the accepted counts and the fault flags.
 
@@ -446,26 +446,27 @@ class FusionEngine:
                 last = accepted.clamp_max(step - 1).unsqueeze(1)
                 x = tokens.gather(1, last)  # [B, 1]
                 running = torch.tensor([not f for f in finished], device=device)
-                # Draft: the drafter reads x, d1, .., d(k-1).
-                feed, drafted, drafter_hidden = x, [], []
+                # Draft: the drafter reads x, d1, .., d(k-1). Its hidden state after d(k-1) is
+                # fused at the last position; no dk is drawn: g1..gk are kept whether it agreed or not.
+                feed, drafted, drafter_hidden = x, [x], []
                 for i in range(draft):
                     column = length + i
                     full_mask[:, column] = 1
                     h = self.models[drafter].hidden(feed, full_mask[:, : column + 1], (next_pos + i).unsqueeze(1), caches[drafter])[:, -1:]
                     drafter_hidden.append(h)
-                    feed = self.models[drafter].logits(h[:, 0]).argmax(-1, keepdim=True)
-                    drafted.append(feed)
-                drafts = torch.cat(drafted, dim=1)  # [B, k]: d1..dk
-                fed = torch.cat([x, drafts[:, :-1]], dim=1)  # [B, k]: x, d1..d(k-1)
+                    if i < draft - 1:
+                        feed = self.models[drafter].logits(h[:, 0]).argmax(-1, keepdim=True)
+                        drafted.append(feed)
+                fed = torch.cat(drafted, dim=1)  # [B, k]: x, d1..d(k-1)
                 mask = full_mask[:, : length + draft]
                 positions = next_pos.unsqueeze(1) + offsets
                 hidden = {name: self.models[name].hidden(fed, mask, positions, caches[name]) for name in self.forward_order if name != drafter}
                 hidden[drafter] = torch.cat(drafter_hidden, dim=1)
                 tokens, fused, flags = self._fuse_greedy(hidden, running.repeat_interleave(draft))  # [B, k]: g1..gk
                 self.speculation["rounds"] += 1
-                self.speculation["drafted"] += draft * finished.count(False)
-                # j: leading drafts equal to the fused choice; the row keeps g1..g(j+1), at most k.
-                accepted = (drafts == tokens).long().cumprod(1).sum(1)
+                self.speculation["drafted"] += (draft - 1) * finished.count(False)
+                # j: leading drafts equal to the fused choice; the row keeps g1..g(j+1) (j < k).
+                accepted = (fed[:, 1:] == tokens[:, :-1]).long().cumprod(1).sum(1)
                 # Fed tokens past the first disagreement are masked out for good.
                 full_mask[:, length : length + draft] = (offsets <= accepted.unsqueeze(1)).to(full_mask.dtype)
                 next_pos = next_pos + (accepted + 1).clamp_max(draft)

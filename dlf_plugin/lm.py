@@ -74,9 +74,10 @@ class DLFLM(HFLM):
             the whole prompt).
         fusion_memory: MiB that scoring spends on fused positions at once (default 1024);
             positions are fused in chunks that fit, whatever the batch and its length.
-        speculate: greedy generation drafts this many tokens a round with the first chosen
-            pair's expert and keeps those the fusion agrees with (the same tokens, fewer
-            large-model passes; DESIGN.md section 8); 0 (default) or 1 decode plainly.
+        speculate: greedy generation makes up to this many tokens a round: the first chosen
+            pair's expert drafts one fewer, every model reads them in one pass, and the fused
+            tokens are kept up to the first draft the fusion disagrees with (the same tokens,
+            fewer large-model passes; DESIGN.md section 8); 0 (default) or 1 decode plainly.
         device: from ``--device``: the device of models the registry places nowhere.
         **kwargs: HFLM batching options (batch_size, max_length, ...) and the solver's options.
     """
