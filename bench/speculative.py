@@ -24,6 +24,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
+from decode import target  # bench/ is the script's folder
 from dlf_plugin.lm import DLFLM
 from dlf_plugin.registry import load_registry
 
@@ -54,12 +55,6 @@ class Passes:
 
     def _hook(self, module, args) -> None:
         self.count += 1
-
-
-def target(name: str, value: float, goal: float) -> bool:
-    ok = value <= goal
-    print(f"target {name}: {value:.3f} (goal <= {goal}) {'PASS' if ok else 'FAIL'}")
-    return ok
 
 
 def main() -> None:

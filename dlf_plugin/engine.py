@@ -340,19 +340,14 @@ class FusionEngine:
                 host_ids, flags = report[:batch], report[batch:]
                 if any(flags):
                     self.raise_faults(flags[:-1], flags[-1], fused)
-                stopped = [i for i in range(batch) if not finished[i] and host_ids[i] == eos_token_id]
                 running = [i for i in range(batch) if not finished[i]]
                 for i in running:
                     generated[i].append(host_ids[i])
                 if self.observer is not None:
                     self.observer(fused, running, running, [host_ids[i] for i in running], [len(generated[i]) - 1 for i in running], None)
-                if stop_check is not None:
-                    live = [i for i in range(batch) if not finished[i] and i not in stopped]
-                    by_strings = stop_check(live, [generated[i] for i in live])
-                    if by_strings:
-                        done |= torch.tensor([i in by_strings for i in range(batch)], device=self.device)
-                    stopped += by_strings
-                done |= next_ids == eos_token_id
+                stopped = _stopping(running, generated, eos_token_id, max_new_tokens, stop_check)
+                if stopped:
+                    done |= torch.tensor([i in stopped for i in range(batch)], device=self.device)
                 for i in stopped:
                     finished[i] = True
                 length += 1
@@ -432,11 +427,7 @@ class FusionEngine:
                     for r in rows:
                         generated[r].append(kept[r * step + i])
                         emitted.append((r, r * step + i, kept[r * step + i], len(generated[r]) - 1, i < counts[r]))
-                    stopped = {r for r in rows if generated[r][-1] == eos_token_id or len(generated[r]) >= max_new_tokens}
-                    if stop_check is not None:
-                        live = [r for r in rows if r not in stopped]
-                        stopped |= stop_check(live, [generated[r] for r in live]) if live else set()
-                    for r in stopped:
+                    for r in _stopping(rows, generated, eos_token_id, max_new_tokens, stop_check):
                         finished[r] = True
                 if self.observer is not None and emitted:
                     self.observer(fused, *map(list, zip(*sorted(emitted))))
@@ -488,6 +479,16 @@ class FusionEngine:
         logits, faults = self._logits({name: h.reshape(batch * k, -1) for name, h in hidden.items()})
         fused, bad = self._fuse_rows(logits, row_mask)
         return fused.logits.argmax(-1).view(batch, k), fused, torch.cat([faults.long(), bad.view(1)])
+
+def _stopping(rows: list[int], generated: list[list[int]], eos_token_id: int, max_new_tokens: int, stop_check: StopCheck | None) -> set[int]:
+    """The ``rows`` that stop at the token just appended to ``generated``: at EOS, at
+    ``max_new_tokens``, or where ``stop_check`` finds a stop string."""
+    stopped = {r for r in rows if generated[r][-1] == eos_token_id or len(generated[r]) >= max_new_tokens}
+    live = [r for r in rows if r not in stopped]
+    if stop_check is not None and live:
+        stopped |= stop_check(live, [generated[r] for r in live])
+    return stopped
+
 
 def choose_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """Greedy argmax, or a sample after temperature, top-k and top-p; ``[N, V] -> [N]``."""
