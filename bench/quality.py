@@ -12,6 +12,10 @@ weight 1). Table 2 (multi-task): every task, the unseen one included, with all p
 at once, beside the large base and the large base fine-tuned on the mix of seen tasks; and
 the paper's task-arithmetic rows: the four experts merged into one small model (registry
 model ``expert-ta``, weight 0.3 each, chosen on dev), alone and fused as one pair's expert.
+Table 3 (in-context learning): the large base with ``SHOTS`` demonstrations, and the fusion
+with the demonstrations shown to the large model only (model_args ``shots=large``) or to
+every model. Table 4 (a chat expert): ``expert-qa-chat`` alone, in its chat template and on
+the raw prompt, and fused (static and dlf) reading its template (a prompt view) or the raw prompt.
 
 Scores are lm-eval's (exact match, or accuracy for the multiple-choice task) with its
 standard errors. "gap closed" is printed both as the paper computes it (fused average /
@@ -42,12 +46,15 @@ from dlf_plugin.registry import load_registry
 REPO = Path(__file__).resolve().parent.parent
 TASKS_DIR = REPO / "tasks" / "toy"
 UNSEEN = "toy_mc"
+# Demonstrations in Table 3's in-context rows.
+SHOTS = 3
 
 
-def score(lm, tasks: list[str], manager: TaskManager, limit: int | None) -> dict[str, tuple[float, float]]:
-    """task -> (score, standard error) as lm-eval reports them."""
+def score(lm, tasks: list[str], manager: TaskManager, limit: int | None, **options) -> dict[str, tuple[float, float]]:
+    """task -> (score, standard error) as lm-eval reports them; ``options`` go to
+    ``simple_evaluate`` (num_fewshot, apply_chat_template)."""
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                  log_samples=False, bootstrap_iters=0)
+                                  log_samples=False, bootstrap_iters=0, **options)
     result = {}
     for task in tasks:
         r = out["results"][task]
@@ -98,15 +105,15 @@ def margin(fused: tuple[float, float], other: tuple[float, float]) -> float:
     return (x - y) / max(math.hypot(sx, sy), 1e-12)
 
 
-def with_pair(registry, expert: str, folder: Path) -> str:
-    """A copy of ``registry`` (paths made absolute) with a pair ``ta`` of ``expert`` over the small base."""
+def with_pair(registry, expert: str, folder: Path, chat_template: bool = False) -> str:
+    """A copy of ``registry`` (paths made absolute) whose one pair ``ta`` is ``expert`` over the small base."""
     doc = yaml.safe_load(registry.path.read_text())
     for spec in doc["models"].values():
         if "path" in spec:
             spec["path"] = str((registry.path.parent / spec["path"]).resolve())
     base = next(iter(registry.pairs.values())).base
-    doc["pairs"] = {"ta": {"expert": expert, "base": base}}
-    path = folder / "toy-ta.yaml"
+    doc["pairs"] = {"ta": {"expert": expert, "base": base, "chat_template": chat_template}}
+    path = folder / f"toy-{expert}-{chat_template}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return str(path)
 
@@ -167,6 +174,30 @@ def main() -> None:
             DLFLM(registry=with_pair(registry, "expert-ta", Path(scratch)), experts="ta", solver=default, batch_size=bs),
             every, manager, args.limit)
     print_table(f"Table 2: multi-task (all {len(pairs)} pairs; {UNSEEN} is unseen by every expert)", every, t2)
+
+    # Table 3: prompt views. In-context shots (--num_fewshot) for the large base, and for the
+    # fusion with shots to the large model only (shots=large) or to every model; each task
+    # fused with its own pair, as in Table 1.
+    shots = dict(num_fewshot=SHOTS)
+    t3 = {f"large base, {SHOTS}-shot": score(base, seen, manager, args.limit, **shots)}
+    for reader in ("large", "all"):
+        t3[f"fused: {default}, {SHOTS}-shot, shots={reader}"] = {}
+        for pair, task in pairs.items():
+            lm = DLFLM(registry="toy", experts=pair, solver=default, shots=reader, batch_size=bs)
+            t3[f"fused: {default}, {SHOTS}-shot, shots={reader}"].update(score(lm, [task], manager, args.limit, **shots))
+    print_table(f"Table 3: in-context shots ({SHOTS} demonstrations drawn by lm-eval from the other questions of the task)", seen, t3)
+    # The chat expert (toy_qa, tuned in its own chat template): alone, and fused with and
+    # without its view.
+    qa = pairs["qa"]
+    chat = path["expert-qa-chat"]
+    t4 = {"chat expert, its template": score(hf(chat, bs), [qa], manager, args.limit, apply_chat_template=True),
+          "chat expert, raw prompt": score(hf(chat, bs), [qa], manager, args.limit)}
+    with tempfile.TemporaryDirectory() as scratch:
+        for solver in ("static", default):
+            for viewed, label in ((True, "its template"), (False, "raw")):
+                lm = DLFLM(registry=with_pair(registry, "expert-qa-chat", Path(scratch), chat_template=viewed), experts="ta", solver=solver, batch_size=bs)
+                t4[f"fused: {solver}, chat expert, {label}"] = score(lm, [qa], manager, args.limit)
+    print_table("Table 4: a chat expert (expert-qa-chat, small-base tuned on toy_qa in its chat template)", [qa], t4)
     print()
     fused1 = [k for k in t1 if k.startswith("fused")]
     fused2 = [k for k in t2 if k.startswith("fused")]

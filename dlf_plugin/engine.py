@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -74,6 +74,8 @@ class Sampling:
     top_k: int = 0
 
 
+# Token ids (or masks) every model reads alike, or one tensor per prompt view.
+TokensByView = torch.Tensor | Sequence[torch.Tensor]
 # Called once per step with the list of rows still running and their generated ids;
 # returns the rows (a subset) that must stop now.
 StopCheck = Callable[[list[int], list[list[int]]], set[int]]
@@ -81,6 +83,42 @@ StopCheck = Callable[[list[int], list[list[int]]], set[int]]
 # its batch row, its row of the fused result, the token, its position in the generation, and
 # whether it was a draft the fusion accepted (the last list None when not speculating).
 StepObserver = Callable[[Fused, list[int], list[int], list[int], list[int], "list[bool] | None"], None]
+
+
+class _Stream:
+    """One prompt view during decoding: its left-padded prompt, its attention mask (made
+    once, as wide as the view can grow; each pass reads a view of its first columns), the
+    columns its models have read, and the position id of each row's next token."""
+
+    def __init__(self, prompt: torch.Tensor, mask: torch.Tensor, room: int) -> None:
+        batch, self.length = prompt.shape
+        self.prompt = prompt
+        self.width = self.length + room
+        self.mask = torch.zeros(batch, self.width, dtype=mask.dtype, device=prompt.device)
+        self.mask[:, : self.length] = mask
+        self.prompt_positions = (mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, L]
+        self.next = self.prompt_positions[:, -1] + 1  # [B]
+
+    def prefill(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens, mask, position ids) of the prompt's read."""
+        return self.prompt, self.mask[:, : self.length], self.prompt_positions
+
+    def take(self, count: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask, position ids) for reading ``count`` tokens ``offset`` columns past those
+        read; their columns are opened."""
+        start = self.length + offset
+        self.mask[:, start : start + count] = 1
+        return self.mask[:, : start + count], (self.next + offset).unsqueeze(1) + torch.arange(count, device=self.next.device)
+
+    def commit(self, count: int, kept: torch.Tensor | None = None) -> None:
+        """``count`` columns were read; per row the first ``kept`` (``[B]``, all when None)
+        stay, the others are masked out for good and their positions reused."""
+        if kept is None:
+            self.next = self.next + count
+        else:
+            self.mask[:, self.length : self.length + count] = (torch.arange(count, device=kept.device) < kept.unsqueeze(1)).to(self.mask.dtype)
+            self.next = self.next + kept
+        self.length += count
 
 
 class FusionEngine:
@@ -96,6 +134,10 @@ class FusionEngine:
         fusion_memory: bytes that scoring may spend on fused rows at once (logits of every
             model, the solver's work, the fused log-probabilities); positions are fused in
             chunks that fit (DESIGN.md section 5).
+        views: which prompt view each model reads (DESIGN.md section 7), by name: an index
+            into the per-view token tensors that ``score`` and ``generate`` take; models not
+            named, and every model when None, read view 0. A model read in two views appears
+            twice in ``models`` under two names (one KV cache each), the same backend behind.
     """
 
     def __init__(
@@ -107,6 +149,7 @@ class FusionEngine:
         solver: Solver,
         plugin: str,
         fusion_memory: int = DEFAULT_FUSION_MEMORY,
+        views: dict[str, int] | None = None,
     ) -> None:
         self.models = models
         self.large = large
@@ -127,6 +170,8 @@ class FusionEngine:
         self._bases_in_pair_order = pair_base == list(range(len(pairs)))
         self._experts_in_pair_order = pair_expert == list(range(len(pairs)))
         self.observer: StepObserver | None = None
+        self.view_of = {name: (views or {}).get(name, 0) for name in self.forward_order}
+        self.n_views = max([0, *(views or {}).values()]) + 1
 
     @property
     def forward_order(self) -> list[str]:
@@ -197,7 +242,7 @@ class FusionEngine:
     # -- teacher-forced scoring -----------------------------------------------------------
 
     @_untracked
-    def score(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, losses: bool = False) -> Scores:
+    def score(self, input_ids: TokensByView, positions: TokensByView, targets: torch.Tensor, losses: bool = False) -> Scores:
         """Fused log-probabilities of target tokens at selected positions of right-padded rows.
 
         Every model runs once over the batch; its output layer and the fusion run on
@@ -205,9 +250,12 @@ class FusionEngine:
         bounded by ``fusion_memory`` whatever the batch and its length.
 
         Args:
-            input_ids: ``[B, T]``, right-padded.
+            input_ids: ``[B, T]``, right-padded; or one such tensor per view (widths may
+                differ), each model reading its own.
             positions: ``[B, T]`` bool (on the host), True where the next-token distribution
-                is needed; M True positions in all.
+                is needed; M True positions in all; or one per view, each row of each view
+                with as many True positions as in every other view: the i-th True position
+                of a row is fused across the views.
             targets: ``[M, J]`` token ids whose log-probability is wanted at each position, in
                 row-major order of ``positions``; -1 pads.
             losses: also return the DLF objective at each position's weights (for traces).
@@ -216,7 +264,7 @@ class FusionEngine:
             Scores for the M positions.
         """
         hidden, _, _ = self._hidden_at(self.forward_order, input_ids, positions)
-        m = len(next(iter(hidden.values())))
+        m = len(hidden[self.large])
         targets = targets.to(self.device)
         logprobs = torch.empty(targets.shape, dtype=torch.float32, device=self.device)
         greedy = torch.empty(m, dtype=torch.long, device=self.device)
@@ -256,7 +304,7 @@ class FusionEngine:
         for row, length in enumerate(lengths):
             positions[row, max(length - 1 - last, 0) if last else 0 : max(length - 1, 0)] = True
         names = list(dict.fromkeys(self.bases + self.experts))
-        hidden, rows_of, cols_of = self._hidden_at(names, input_ids, positions)
+        hidden, rows_of, cols_of = self._hidden_at(names, [input_ids] * self.n_views, [positions] * self.n_views)
         targets = input_ids.cpu()[rows_of, cols_of + 1].to(self.device)
         owner = rows_of.to(self.device)
         totals = {name: torch.zeros(batch, dtype=torch.float32, device=self.device) for name in names}
@@ -268,28 +316,44 @@ class FusionEngine:
                 totals[name].index_add_(0, owner[rows], picked)
         return torch.stack([totals[p.expert] - totals[p.base] for p in self.pairs], dim=1) if self.pairs else torch.zeros(batch, 0, device=self.device)
 
-    def _hidden_at(self, names: list[str], input_ids: torch.Tensor, positions: torch.Tensor):
-        """Each model's last hidden states at the True ``positions`` (``[B, T]`` bool), in
-        row-major order, every body run once over the batch: ``({name: [M, H]}, rows [M],
-        cols [M])``, rows and columns on the host (no device sync)."""
-        positions = positions.cpu()
-        width = input_ids.shape[1]
-        used = positions.any(0).nonzero()
-        keep = int(width - used.min()) if len(used) else 1  # columns from the first one asked
-        flat = positions[:, -keep:].reshape(-1).nonzero().flatten()
+    def _hidden_at(self, names: list[str], input_ids: TokensByView, positions: TokensByView):
+        """Each model's last hidden states at the True ``positions`` of its view (``[B, T]``
+        bool each), in row-major order, every body run once over the batch: ``({name: [M, H]},
+        rows [M], cols [M])``, rows and columns those of view 0, on the host (no device sync)."""
+        input_ids, positions = self._by_view(input_ids), [p.cpu() for p in self._by_view(positions)]
+        counts = [p.sum(1) for p in positions]
+        if any(not torch.equal(c, counts[0]) for c in counts[1:]):
+            raise ValueError(f"every view must ask as many positions per row as view 0; per-view counts {[c.tolist() for c in counts]}")
+        picks = []  # per view: the columns kept (from the first one asked) and the flat positions
+        for ids, asked in zip(input_ids, positions):
+            width = ids.shape[1]
+            used = asked.any(0).nonzero()
+            keep = int(width - used.min()) if len(used) else 1
+            picks.append((keep, asked[:, -keep:].reshape(-1).nonzero().flatten()))
         hidden = {}
         for name in names:
-            states = self.models[name].hidden(input_ids)[:, -keep:]
+            view = self.view_of[name]
+            keep, flat = picks[view]
+            states = self.models[name].hidden(input_ids[view])[:, -keep:]
             hidden[name] = states.reshape(-1, states.shape[-1]).index_select(0, flat.to(states.device))
-        return hidden, flat // keep, flat % keep + (width - keep)
+        keep, flat = picks[0]
+        return hidden, flat // keep, flat % keep + (input_ids[0].shape[1] - keep)
+
+    def _by_view(self, tensors: TokensByView) -> list[torch.Tensor]:
+        """One tensor per view: a single tensor is every view's."""
+        if isinstance(tensors, torch.Tensor):
+            return [tensors] * self.n_views
+        if len(tensors) != self.n_views:
+            raise ValueError(f"expected {self.n_views} prompt views, got {len(tensors)}")
+        return list(tensors)
 
     # -- cached decoding ------------------------------------------------------------------
 
     @_untracked
     def generate(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: TokensByView,
+        attention_mask: TokensByView,
         max_new_tokens: int,
         sampling: Sampling,
         eos_token_id: int,
@@ -304,37 +368,34 @@ class FusionEngine:
         the fault flags of the models and the solver.
 
         Args:
-            input_ids: ``[B, L]`` left-padded prompts.
-            attention_mask: ``[B, L]``, 0 on padding.
+            input_ids: ``[B, L]`` left-padded prompts, or one per view (lengths may differ);
+                every chosen token is appended to every view.
+            attention_mask: ``[B, L]``, 0 on padding (one per view with views).
 
         Returns:
-            ``[B, L + n]`` prompts followed by the n <= max_new_tokens generated tokens.
+            ``[B, L + n]`` view 0's prompts followed by the n <= max_new_tokens generated tokens.
         """
-        batch, prompt_len = input_ids.shape
-        # The whole mask is made once; each step passes a view of its first columns.
-        full_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=attention_mask.dtype, device=self.device)
-        full_mask[:, :prompt_len] = attention_mask.to(self.device)
-        position_ids = (full_mask[:, :prompt_len].long().cumsum(-1) - 1).clamp_min(0)
-        caches = {name: self.models[name].new_cache(batch, prompt_len + max_new_tokens) for name in self.forward_order}
-        step_ids, step_pos, length = input_ids.to(self.device), position_ids, prompt_len
+        streams = self._streams(input_ids, attention_mask, max_new_tokens)
+        batch, prompt_len = streams[0].prompt.shape
+        caches = {name: self.models[name].new_cache(batch, streams[self.view_of[name]].width) for name in self.forward_order}
         finished = [False] * batch
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         generated: list[list[int]] = [[] for _ in range(batch)]
         out = torch.full((batch, prompt_len + max_new_tokens), pad_token_id, dtype=torch.long, device=self.device)
-        out[:, :prompt_len] = step_ids
+        out[:, :prompt_len] = streams[0].prompt
+        reads = [stream.prefill() for stream in streams]
         steps = 0
         try:
             for steps in range(1, max_new_tokens + 1):
-                mask = full_mask[:, :length]
-                hidden = {
-                    name: self.models[name].hidden(step_ids, mask, step_pos, caches[name])[:, -1]
-                    for name in self.forward_order
-                }
+                hidden = {}
+                for name in self.forward_order:
+                    ids, mask, positions = reads[self.view_of[name]]
+                    hidden[name] = self.models[name].hidden(ids, mask, positions, caches[name])[:, -1]
                 logits, model_faults = self._logits(hidden)
                 fused, bad = self._fuse_rows(logits, ~done)
                 next_ids = choose_tokens(fused.logits, sampling)
                 next_ids = torch.where(done, pad_token_id, next_ids)
-                out[:, length] = next_ids
+                out[:, prompt_len + steps - 1] = next_ids
                 # The step's one transfer: tokens, then a flag per model, then the solver's count.
                 report = torch.cat([next_ids, model_faults.long(), bad.view(1)]).tolist()
                 host_ids, flags = report[:batch], report[batch:]
@@ -350,15 +411,22 @@ class FusionEngine:
                     done |= torch.tensor([i in stopped for i in range(batch)], device=self.device)
                 for i in stopped:
                     finished[i] = True
-                length += 1
                 if all(finished):
                     break
-                step_ids = next_ids.unsqueeze(1)
-                step_pos = step_pos[:, -1:] + 1
+                for view, stream in enumerate(streams):
+                    if steps > 1:
+                        stream.commit(1)
+                    reads[view] = (next_ids.unsqueeze(1), *stream.take(1))
         finally:
             self.release()
         return out[:, : prompt_len + steps]
 
+    def _streams(self, input_ids: TokensByView, attention_mask: TokensByView, room: int) -> list[_Stream]:
+        """Each view's decoding state for left-padded prompts and ``room`` more tokens."""
+        ids, masks = self._by_view(input_ids), self._by_view(attention_mask)
+        if len({len(t) for t in ids}) > 1:
+            raise ValueError(f"every view needs the same batch rows; got {[len(t) for t in ids]}")
+        return [_Stream(i.to(self.device), m.to(self.device), room) for i, m in zip(ids, masks)]
 
     @_untracked
     def generate_speculative(
@@ -390,29 +458,20 @@ class FusionEngine:
         if not self.pairs:
             raise ValueError("speculative decoding needs an expert pair to draft with")
         drafter = self.pairs[0].expert
-        batch, prompt_len = input_ids.shape
+        streams = self._streams(input_ids, attention_mask, max_new_tokens * draft)
+        batch, prompt_len = streams[0].prompt.shape
         device = self.device
-        width = prompt_len + max_new_tokens * draft
-        full_mask = torch.zeros(batch, width, dtype=attention_mask.dtype, device=device)
-        full_mask[:, :prompt_len] = attention_mask.to(device)
-        position_ids = (full_mask[:, :prompt_len].long().cumsum(-1) - 1).clamp_min(0)
-        caches = {name: self.models[name].new_cache(batch, width, preallocated=False) for name in self.forward_order}
-        offsets = torch.arange(draft, device=device)
+        caches = {name: self.models[name].new_cache(batch, streams[self.view_of[name]].width, preallocated=False) for name in self.forward_order}
         generated: list[list[int]] = [[] for _ in range(batch)]
         finished = [False] * batch
         # After the call: rounds (large-model passes after the prefill), drafts made and
         # accepted over the running rows, tokens generated.
         self.speculation = dict(rounds=0, drafted=0, accepted=0, tokens=0)
         try:
-            # Prefill: every model reads the prompt; the fused first token is x.
-            hidden = {
-                name: self.models[name].hidden(input_ids.to(device), full_mask[:, :prompt_len], position_ids, caches[name])[:, -1:]
-                for name in self.forward_order
-            }
+            # Prefill: every model reads its view's prompt; the fused first token is x.
+            hidden = {name: self.models[name].hidden(*streams[self.view_of[name]].prefill(), caches[name])[:, -1:] for name in self.forward_order}
             tokens, fused, flags = self._fuse_greedy(hidden, torch.ones(batch, dtype=torch.bool, device=device))  # [B, 1]
             accepted = torch.zeros(batch, dtype=torch.long, device=device)
-            next_pos = position_ids[:, -1] + 1
-            length = prompt_len
             while True:
                 report = torch.cat([tokens.flatten(), accepted, flags]).tolist()
                 n = tokens.numel()
@@ -434,24 +493,21 @@ class FusionEngine:
                 if all(finished):
                     break
                 # x: each row's last kept token (on the device, no sync).
-                last = accepted.clamp_max(step - 1).unsqueeze(1)
-                x = tokens.gather(1, last)  # [B, 1]
+                x = tokens.gather(1, accepted.clamp_max(step - 1).unsqueeze(1))  # [B, 1]
                 running = torch.tensor([not f for f in finished], device=device)
                 # Draft: the drafter reads x, d1, .., d(k-1). Its hidden state after d(k-1) is
                 # fused at the last position; no dk is drawn: g1..gk are kept whether it agreed or not.
                 feed, drafted, drafter_hidden = x, [x], []
+                own = streams[self.view_of[drafter]]
                 for i in range(draft):
-                    column = length + i
-                    full_mask[:, column] = 1
-                    h = self.models[drafter].hidden(feed, full_mask[:, : column + 1], (next_pos + i).unsqueeze(1), caches[drafter])[:, -1:]
+                    h = self.models[drafter].hidden(feed, *own.take(1, offset=i), caches[drafter])[:, -1:]
                     drafter_hidden.append(h)
                     if i < draft - 1:
                         feed = self.models[drafter].logits(h[:, 0]).argmax(-1, keepdim=True)
                         drafted.append(feed)
                 fed = torch.cat(drafted, dim=1)  # [B, k]: x, d1..d(k-1)
-                mask = full_mask[:, : length + draft]
-                positions = next_pos.unsqueeze(1) + offsets
-                hidden = {name: self.models[name].hidden(fed, mask, positions, caches[name]) for name in self.forward_order if name != drafter}
+                reads = [stream.take(draft) for stream in streams]
+                hidden = {name: self.models[name].hidden(fed, *reads[self.view_of[name]], caches[name]) for name in self.forward_order if name != drafter}
                 hidden[drafter] = torch.cat(drafter_hidden, dim=1)
                 tokens, fused, flags = self._fuse_greedy(hidden, running.repeat_interleave(draft))  # [B, k]: g1..gk
                 self.speculation["rounds"] += 1
@@ -459,14 +515,13 @@ class FusionEngine:
                 # j: leading drafts equal to the fused choice; the row keeps g1..g(j+1) (j < k).
                 accepted = (fed[:, 1:] == tokens[:, :-1]).long().cumprod(1).sum(1)
                 # Fed tokens past the first disagreement are masked out for good.
-                full_mask[:, length : length + draft] = (offsets <= accepted.unsqueeze(1)).to(full_mask.dtype)
-                next_pos = next_pos + (accepted + 1).clamp_max(draft)
-                length += draft
+                for stream in streams:
+                    stream.commit(draft, kept=(accepted + 1).clamp_max(draft))
         finally:
             self.release()
         self.speculation["tokens"] = sum(map(len, generated))
         out = torch.full((batch, prompt_len + max(map(len, generated))), pad_token_id, dtype=torch.long)
-        out[:, :prompt_len] = input_ids.cpu()
+        out[:, :prompt_len] = streams[0].prompt.cpu()
         for r, row in enumerate(generated):
             out[r, prompt_len : prompt_len + len(row)] = torch.tensor(row, dtype=torch.long)
         return out.to(device)

@@ -25,7 +25,7 @@ from accelerate import find_executable_batch_size
 from tqdm import tqdm
 
 import dlf_plugin
-from dlf_plugin import arguments, console, loading
+from dlf_plugin import arguments, console, loading, views
 from dlf_plugin.backends import LocalModel
 from dlf_plugin.engine import DEFAULT_FUSION_MEMORY, FusionEngine, Pair, Sampling
 from dlf_plugin.errors import DLFError
@@ -39,7 +39,7 @@ console.install()
 
 # model_args that dlf itself reads (everything else goes to the solver) and HFLM's
 # that dlf passes through.
-DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "route_tokens", "fusion_memory", "speculate")
+DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "route_tokens", "fusion_memory", "speculate", "shots")
 ROUTES = ("none", "task", "prompt")
 PASSED_TO_HFLM = ("batch_size", "max_batch_size", "max_length", "add_bos_token", "prefix_token_id", "truncation", "logits_cache")
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k")
@@ -78,6 +78,11 @@ class DLFLM(HFLM):
             pair's expert drafts one fewer, every model reads them in one pass, and the fused
             tokens are kept up to the first draft the fusion disagrees with (the same tokens,
             fewer large-model passes; DESIGN.md section 8); 0 (default) or 1 decode plainly.
+        shots: who reads the few-shot demonstrations of ``--num_fewshot``: ``all`` (default)
+            or ``large`` (the large model only; the pairs read the zero-shot prompt). With
+            ``large``, or a pair whose registry entry says ``chat_template: true`` (its expert
+            and small base read the expert's chat template), each model reads its own
+            rendering of a request (a prompt view, DESIGN.md section 7).
         device: from ``--device``: the device of models the registry places nowhere.
         **kwargs: HFLM batching options (batch_size, max_length, ...) and the solver's options.
     """
@@ -94,6 +99,7 @@ class DLFLM(HFLM):
         fusion_memory: int | str = DEFAULT_FUSION_MEMORY // 1024**2,
         route_tokens: int | str = ROUTE_TOKENS,
         speculate: int | str = 0,
+        shots: str = "all",
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -116,6 +122,14 @@ class DLFLM(HFLM):
         self.speculate = arguments.whole_number("speculate", speculate, minimum=0)
         if self.speculate > 1 and not pair_specs:
             raise RegistryError("model_args speculate needs at least one expert pair: the first pair's expert drafts")
+        if shots not in views.SHOTS:
+            raise RegistryError(f"model_args shots={shots!r} is not one of {', '.join(views.SHOTS)}")
+        self.shots = shots
+        if self.route == "prompt" and (shots != "all" or any(p.chat_template for p in pair_specs)):
+            raise RegistryError(
+                "model_args route=prompt reads one prompt for every pair; it cannot be combined with shots=large or "
+                "chat_template pairs (prompt views): use route=task, or choose pairs without chat_template"
+            )
         arguments.check_hflm_args(hflm_args)
         arguments.check_placement(placement)
         accelerator = _data_parallel()
@@ -139,6 +153,16 @@ class DLFLM(HFLM):
         tokenizers = loading.load_tokenizers(specs, self.registry.path)
         loading.check_vocabularies(tokenizers, self.registry.large, self.registry.path)
         loading.check_output_vocabularies(specs, len(tokenizers[self.registry.large]), self.registry.path)
+        templates = loading.chat_templates(pair_specs, tokenizers, self.registry)
+        self.views = views.plan(self.registry.large, pair_specs, shots, templates)
+        self._templates = templates
+        self._views_signature = views.signature(self.views, templates)
+        views.record({
+            v.name: (v.shots, views.chat_renderer(tokenizers[v.template]) if v.template else None)
+            for v in self.views.views[1:]
+        }, self._views_signature)
+        self._view_texts: dict[str, dict] = {}  # context -> view name -> text, for the call running
+        self._boundary_differs = [0] * len(self.views.views)
 
         loaded = {s.name: loading.load_model(s, *placements[s.name], dtype or s.dtype, self.registry.path) for s in specs}
         self.loaded = loaded
@@ -157,13 +181,14 @@ class DLFLM(HFLM):
         self.contexts = {name: b.context_length(tokenizers[name]) for name, b in backends.items()}
         self.pair_specs = pair_specs
         self.engine = FusionEngine(
-            models=backends,
+            models={runner: backends[model] for runner, model in self.views.runners.items()},
             large=self.registry.large,
-            pairs=[Pair(p.name, p.expert, p.base) for p in pair_specs],
+            pairs=list(self.views.pairs),
             vocab_size=vocab,
             solver=solver_obj,
             plugin=plugin,
             fusion_memory=memory,
+            views=self.views.view_of,
         )
         self._chosen = tuple(p.name for p in pair_specs)
         self._engines = {self._chosen: self.engine}
@@ -227,29 +252,55 @@ class DLFLM(HFLM):
             "pairs": [[p.name, p.expert, p.base] for p in self.pair_specs],
             "route": self.route,
             "route_tokens": self.route_tokens if self.route == "prompt" else None,
+            "views": [v.describe(self._templates, self.views.runners) for v in self.views.views],
             "solver": {**self.engine.solver.describe(), "plugin": self.engine.plugin},
             "max_length": self.max_length,
             "add_bos_token": self.add_bos_token,
         }
 
     def _check_prompt_format(self) -> None:
-        """Warn once when the run's prompt format is not the one the chosen experts were tuned on."""
-        if self._chat_checked or not self.pair_specs:
+        """Warn once when lm-eval applies the large model's chat template (``--apply_chat_template``)
+        and pairs without one of their own (registry ``chat_template: false``) read it too."""
+        if self._chat_checked or not self._chat_template_applied:
             return
         self._chat_checked = True
-        expects = self.pair_specs[0].chat_template  # the registry made them agree
-        if expects != self._chat_template_applied:
-            names = ", ".join(p.name for p in self.pair_specs)
+        raw = [p.name for p in self.pair_specs if not p.chat_template]
+        if raw:
             logger.warning(
-                "dlf: expert pairs %s of %s %s a chat template, but this run %s one; pass "
-                "--apply_chat_template %s, or set chat_template in the registry",
-                names, self.registry.path, "expect" if expects else "do not expect",
-                "applies no" if expects else "applies", "to lm_eval" if expects else "only for chat experts",
+                "dlf: this run applies the large model's chat template (--apply_chat_template), and expert pairs %s "
+                "of %s (chat_template: false) read it too; drop --apply_chat_template, or set chat_template: true "
+                "for pairs whose experts have a template of their own", ", ".join(raw), self.registry.path,
             )
+
+    def _take_views(self, requests, contexts) -> None:
+        """Per context, its rendering in every view past view 0, from the requests lm-eval
+        built (``views.record``); a request without them is refused before any request runs."""
+        self._view_texts = {}
+        if self.views.plain:
+            return
+        names = [v.name for v in self.views.views[1:]]
+        for index, (request, context) in enumerate(zip(requests, contexts)):
+            texts = getattr(request, "dlf_views", None)
+            stamp = getattr(request, "dlf_views_signature", self._views_signature)  # by hand: unstamped
+            if stamp != self._views_signature:
+                raise arguments.RequestError(
+                    f"{arguments.describe(request, index)} was rendered for other prompt views (another chat template, "
+                    "shots setting or pairs; lm-eval's --cache_requests keeps requests across runs): rebuild them "
+                    "with --cache_requests refresh"
+                )
+            if not isinstance(texts, dict) or any(n not in texts for n in names):
+                raise arguments.RequestError(
+                    f"{arguments.describe(request, index)} carries no rendering for prompt view(s) {', '.join(names)} "
+                    "(model_args shots=large, or a chat_template pair): dlf renders them as lm-eval's tasks build their "
+                    "requests; requests made by hand, or loaded by --cache_requests from a run without dlf, have none "
+                    "(rebuild them: --cache_requests refresh)"
+                )
+            self._view_texts[context] = texts
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         arguments.check_loglikelihood_requests(requests)
         self._check_prompt_format()
+        self._take_views(requests, [r.args[0] for r in requests])
         return self._routed(requests, lambda group: super(DLFLM, self).loglikelihood(group, disable_tqdm=disable_tqdm))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
@@ -260,6 +311,7 @@ class DLFLM(HFLM):
     def generate_until(self, requests, disable_tqdm: bool = False):
         arguments.check_generation_requests(requests)
         self._check_prompt_format()
+        self._take_views(requests, [r.args[0] for r in requests])
         return self._routed(requests, lambda group: super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm))
 
     # -- route=task: each task's own pairs ------------------------------------------------
@@ -327,6 +379,7 @@ class DLFLM(HFLM):
                 solver=solver_obj,
                 plugin=plugin,
                 fusion_memory=every.fusion_memory,
+                views=every.view_of,
             )
         return self._engines[names]
 
@@ -388,10 +441,13 @@ class DLFLM(HFLM):
         results = []
         for chunk in re_ord.get_batched(n=batch_size, batch_fn=batch_fn):
             rows, spans, targets = [], [], []
-            for _, context_enc, continuation_enc in chunk:
+            view_rows: list[list[list[int]]] = [[] for _ in self.views.views]
+            for strings, context_enc, continuation_enc in chunk:
                 if not context_enc or not continuation_enc or len(continuation_enc) > self.max_length:
                     raise ValueError("dlf: every request needs a context and a continuation no longer than max_length")
-                row = (context_enc + continuation_enc)[-(self.max_length + 1) :][:-1]
+                for view, view_context in enumerate(self._view_contexts(strings, context_enc, continuation_enc)):
+                    view_rows[view].append((view_context + continuation_enc)[-(self.max_length + 1) :][:-1])
+                row = view_rows[0][-1]
                 rows.append(row)
                 spans.append((len(row) - len(continuation_enc), len(row)))
             # With logits_cache, requests sharing a context and differing only in a one-token
@@ -402,14 +458,20 @@ class DLFLM(HFLM):
                 span = end - start
                 for i in range(span):
                     targets.append([toks[i - span + len(toks)] if i >= span - len(toks) else -1 for _, toks, _ in group])
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-            positions = torch.zeros((len(rows), width), dtype=torch.bool)
-            for i, (row, (start, end)) in enumerate(zip(rows, spans)):
-                input_ids[i, : len(row)] = torch.tensor(row)
-                positions[i, start:end] = True
+            input_ids, positions = [], []  # per view: right-padded rows, their continuation positions
+            for rows_v in view_rows:
+                width = max(len(r) for r in rows_v)
+                ids = torch.full((len(rows_v), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+                asked = torch.zeros((len(rows_v), width), dtype=torch.bool)
+                for i, (row, (start, end)) in enumerate(zip(rows_v, spans)):
+                    ids[i, : len(row)] = torch.tensor(row)
+                    asked[i, len(row) - (end - start) : len(row)] = True
+                input_ids.append(ids)
+                positions.append(asked)
             most = max(len(t) for t in targets)
             target_ids = torch.tensor([t + [-1] * (most - len(t)) for t in targets], dtype=torch.long)
+            if len(input_ids) == 1:  # no views: every model reads the same rows
+                input_ids, positions = input_ids[0], positions[0]
             scores = self.engine.score(input_ids, positions, target_ids, losses=self.tracer is not None)
             if self.tracer is not None:
                 self._trace_scores(chunk, scores)
@@ -429,6 +491,33 @@ class DLFLM(HFLM):
         pbar.close()
         return re_ord.get_original(results)
 
+    def _view_contexts(self, strings, context_enc: list[int], continuation_enc: list[int]) -> list[list[int]]:
+        """A scoring request's context tokens in every view (view 0: lm-eval's).
+
+        The continuation is tokenised once, after view 0's context, and every view's context
+        is followed by those same tokens, so that position i of the continuation is fused
+        across the views. A view whose own tokenisation of its text and the continuation
+        splits the boundary otherwise is counted (``boundary_differs`` in the results) and
+        still reads the same continuation tokens. Rolling windows (no strings) and runs
+        without views read view 0 everywhere.
+        """
+        if self.views.plain or strings is None:
+            return [context_enc] * len(self.views.views)
+        context, continuation = strings
+        texts = self._view_texts[context]
+        kept = context.rstrip()
+        moved = context[len(kept) :]  # lm-eval moves a context's trailing whitespace into the continuation
+        out = [context_enc]
+        for index, view in enumerate(self.views.views[1:], start=1):
+            text = texts[view.name]
+            if moved and text.endswith(moved):
+                text = text[: len(text) - len(moved)]
+            tokens = self.tok_encode(text) or [self.prefix_token_id]
+            if self.tok_encode(text + moved + continuation) != tokens + list(continuation_enc):
+                self._boundary_differs[index] += 1
+            out.append(tokens)
+        return out
+
     def _trace_scores(self, chunk, scores) -> None:
         ids = self.tracer.new_requests(len(chunk))
         requests, positions, tokens, prompts = [], [], [], []
@@ -440,6 +529,26 @@ class DLFLM(HFLM):
         self.tracer.write("score", requests, positions, tokens, scores.weights, scores.losses, scores.pairs, prompts)
 
     # -- generation -----------------------------------------------------------------------
+
+    def tok_batch_encode(self, strings, padding_side: str = "left", left_truncate_len=None, truncation: bool = False):
+        """lm-eval's batch encoding of generation contexts; the strings are kept for
+        ``_model_generate`` to render the batch in every prompt view."""
+        self._batch_contexts = list(strings)
+        return super().tok_batch_encode(strings, padding_side=padding_side, left_truncate_len=left_truncate_len, truncation=truncation)
+
+    def _generation_views(self, context, attention_mask, room: int):
+        """The batch's left-padded prompts in every view (view 0: lm-eval's), each cut to the
+        context lm-eval leaves for ``room`` new tokens."""
+        if self.views.plain:
+            return context, attention_mask
+        contexts = self._batch_contexts
+        ids, masks = [context], [attention_mask]
+        for view in self.views.views[1:]:
+            texts = [self._view_texts[c][view.name] for c in contexts]
+            encoded, mask = HFLM.tok_batch_encode(self, texts, left_truncate_len=self.max_length - room, truncation=self.truncation)
+            ids.append(encoded.to(context.device))
+            masks.append(mask.to(context.device))
+        return ids, masks
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         attention_mask = generation_kwargs.pop("attention_mask")
@@ -474,8 +583,10 @@ class DLFLM(HFLM):
                 self.tracer.write("generate", [ids[r] for r in rows], positions, tokens, weights, losses, fused.pairs, first, drafted)
 
             self.engine.observer = observe
+        new_tokens = max_length - context.shape[1]
+        context, attention_mask = self._generation_views(context, attention_mask, new_tokens)
         common = dict(
-            max_new_tokens=max_length - context.shape[1],
+            max_new_tokens=new_tokens,
             eos_token_id=self.eot_token_id,
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
             stop_check=stop_check,
@@ -518,12 +629,28 @@ class DLFLM(HFLM):
                 "route": self.route,
                 **({"route_tokens": self.route_tokens} if self.route == "prompt" else {}),
                 **({"speculate": self.speculate} if self.speculate > 1 else {}),
+                "shots": self.shots,
+                "views": self._describe_views(),
                 **({"routes": dict(self.routes)} if self.routed else {}),
                 "solver": {**self.engine.solver.describe(), "plugin": self.engine.plugin, **self._uncertified()},
                 "versions": {pkg: _version(pkg) for pkg in ("torch", "transformers", "lm_eval", "pluggy")},
             },
         }
 
+
+    def _describe_views(self) -> list[dict]:
+        """Each prompt view, who reads it, and how many scored requests' boundary with the
+        continuation its own tokenisation splits otherwise (warned about if any)."""
+        described = []
+        for view, differs in zip(self.views.views, self._boundary_differs):
+            described.append({**view.describe(self._templates, self.views.runners), "boundary_differs": differs})
+            if differs:
+                logger.warning(
+                    "dlf: in prompt view %r, %d scored request(s) tokenise the boundary between context and "
+                    "continuation otherwise than view 0; they read view 0's continuation tokens after their own "
+                    "context tokens", view.name, differs,
+                )
+        return described
 
     def _uncertified(self) -> dict:
         """Fused positions that the exact solver's fixed (sync-free) schedule left uncertified,

@@ -187,6 +187,27 @@ def load_tokenizers(specs: list[ModelSpec], registry_path: Path) -> dict[str, tr
     return {spec.name: loaded[(spec.tokenizer, spec.revision)] for spec in specs}
 
 
+def chat_templates(pairs, tokenizers: dict, registry) -> dict[str, str]:
+    """Each chat pair's (``chat_template: true``) expert -> its tokenizer's chat template,
+    which the expert and its small base read (DESIGN.md section 7); checked before any
+    weights load."""
+    templates = {}
+    for pair in pairs:
+        if not pair.chat_template:
+            continue
+        template = getattr(tokenizers[pair.expert], "chat_template", None)
+        if isinstance(template, dict):  # named templates: the default one
+            template = template.get("default")
+        if not isinstance(template, str) or not template.strip():
+            raise RegistryError(
+                f"{registry.path}: pairs.{pair.name} has chat_template: true, but the tokenizer of its expert "
+                f"{pair.expert} ({registry.models[pair.expert].tokenizer}) has no chat template; add one to its "
+                "tokenizer_config.json (key chat_template) or set chat_template: false"
+            )
+        templates[pair.expert] = template
+    return templates
+
+
 def check_output_vocabularies(specs: list[ModelSpec], tokens: int, registry_path: Path) -> None:
     """Every model's output layer covers the shared tokenizer, read from its config (before
     any weights load): a smaller head could not score the tokenizer's last ids."""

@@ -150,8 +150,7 @@ class Registry:
         """Return the pairs named in ``experts``, in that order.
 
         Raises:
-            RegistryError: a name is not a pair of this registry, is given twice,
-                or the chosen pairs disagree on the chat template.
+            RegistryError: a name is not a pair of this registry, or is given twice.
         """
         chosen = []
         for name in experts:
@@ -163,12 +162,6 @@ class Registry:
             if any(p.name == name for p in chosen):
                 raise RegistryError(f"model_args experts: {name!r} is given twice")
             chosen.append(self.pairs[name])
-        if len({p.chat_template for p in chosen}) > 1:
-            raise RegistryError(
-                f"model_args experts: pairs {', '.join(p.name for p in chosen)} of {self.path} "
-                "disagree on chat_template; all fused models read one token stream, so choose "
-                "pairs that expect the same prompt format"
-            )
         return chosen
 
     def models_for(self, pairs: list[PairSpec]) -> list[ModelSpec]:

@@ -29,6 +29,11 @@ Seeded and deterministic on one machine (single process, fixed thread count):
 
     python scripts/train_toy_world.py              # ~17 min on 2 CPU cores
     python scripts/train_toy_world.py --data-only  # the task data alone (seconds)
+    python scripts/train_toy_world.py --chat-expert  # expert-qa-chat alone, from the saved small base (seconds)
+
+``expert-qa-chat`` is the small base fine-tuned on toy_qa's examples rendered through a chat
+template of its own (``CHAT_TEMPLATE``, in its tokenizer config): the chat expert of the
+paper's integrations, which a fusion must show its template (prompt views, DESIGN.md section 7).
 """
 
 from __future__ import annotations
@@ -95,6 +100,13 @@ TASKS = [
     Task("toy_table", "ruler", "kingdom | ruler\n{e} |"),
     Task("toy_mc", "language", "Pick the language of {e}.\nChoice:", kind="choice", held_out=True),
 ]
+
+
+# expert-qa-chat's chat template: each message between role tags, then the assistant's tag.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 @dataclass
@@ -432,10 +444,14 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=REPO, help="root receiving models/toy and tasks/toy/data")
     ap.add_argument("--data-only", action="store_true", help="write the task data only, train nothing")
+    ap.add_argument("--chat-expert", action="store_true", help="train expert-qa-chat alone, from the saved small-base")
     args = ap.parse_args()
     world = build_world(args.entities, args.dev, args.ft_examples, args.test)
     if args.data_only:
         write_tasks(world, args.out)
+        return
+    if args.chat_expert:
+        train_chat_expert(world, args)
         return
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
@@ -496,6 +512,31 @@ def main() -> None:
     report.append(f"\nAll weights together: {size / 1e6:.1f} MB (float16). Total time {time.time() - start:.0f}s.")
     (args.out / "models" / "toy" / "WORLD.md").write_text("\n".join(report) + "\n")
     print("\n".join(report))
+
+
+def train_chat_expert(world: World, args) -> None:
+    """expert-qa-chat: the saved small base (float16, trained in float32) fine-tuned as
+    expert-qa was, on the same kingdoms, each example rendered through ``CHAT_TEMPLATE``."""
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    folder = args.out / "models" / "toy" / "small-base"
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = CHAT_TEMPLATE
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    task = TASKS[0]
+    ents = world.finetune[task.name]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": task.text(e)}], tokenize=False, add_generation_prompt=True) for e in ents]
+    texts = [p + " " + world.facts[e][task.relation] + "\n" for p, e in zip(prompts, ents)]
+    steps = args.ft_epochs * args.ft_examples // 16
+    secs = train(model, *examples(tok, texts, prompts), steps, 16, 1e-3, SEED + 3, log="expert-qa-chat")
+    nbytes = save_model(model, tok, args.out, "expert-qa-chat")
+    # transformers writes the template beside the config (chat_template.jinja); the toy keeps it in the config.
+    saved = args.out / "models" / "toy" / "expert-qa-chat"
+    config = json.loads((saved / "tokenizer_config.json").read_text())
+    config["chat_template"] = (saved / "chat_template.jinja").read_text()
+    (saved / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (saved / "chat_template.jinja").unlink()
+    print(f"expert-qa-chat: {task.name} in its chat template, {args.ft_examples} examples, {steps} steps x 16, {secs:.0f}s, {nbytes} bytes")
 
 
 def copy_model(model):

@@ -14,36 +14,46 @@ def _last_logits(model, tokens: list[int], vocab: int) -> torch.Tensor:
     return out.double()
 
 
-def fused_logits(models: dict, large: str, pairs: list[tuple[str, str, float]], tokens: list[int], vocab: int) -> torch.Tensor:
+def fused_logits(models: dict, large: str, pairs: list[tuple[str, str, float]], tokens: list[int], vocab: int, pair_tokens=None) -> torch.Tensor:
     """z_L + sum_k w_k (z_Ek - z_Sk) for the next token after ``tokens``; float64 ``[V]``.
 
-    ``pairs`` holds (expert name, base name, weight).
+    ``pairs`` holds (expert name, base name, weight). With prompt views, pair k's expert and
+    base read ``pair_tokens[k]`` instead of ``tokens``.
     """
     fused = _last_logits(models[large], tokens, vocab)
-    for expert, base, weight in pairs:
-        fused = fused + weight * (_last_logits(models[expert], tokens, vocab) - _last_logits(models[base], tokens, vocab))
+    for k, (expert, base, weight) in enumerate(pairs):
+        own = tokens if pair_tokens is None else pair_tokens[k]
+        fused = fused + weight * (_last_logits(models[expert], own, vocab) - _last_logits(models[base], own, vocab))
     return fused
 
 
-def continuation_logprob(models, large, pairs, context: list[int], continuation: list[int], vocab: int) -> tuple[float, bool]:
-    """log p(continuation | context) under the fused model, and whether it is the fused greedy choice."""
+def continuation_logprob(models, large, pairs, context: list[int], continuation: list[int], vocab: int, pair_contexts=None) -> tuple[float, bool]:
+    """log p(continuation | context) under the fused model, and whether it is the fused greedy
+    choice; with views, pair k reads ``pair_contexts[k]`` followed by the same continuation."""
     total, greedy = 0.0, True
     tokens = list(context)
+    own = None if pair_contexts is None else [list(c) for c in pair_contexts]
     for token in continuation:
-        log_probs = torch.log_softmax(fused_logits(models, large, pairs, tokens, vocab), dim=-1)
+        log_probs = torch.log_softmax(fused_logits(models, large, pairs, tokens, vocab, own), dim=-1)
         total += float(log_probs[token])
         greedy &= int(log_probs.argmax()) == token
         tokens.append(token)
+        for c in own or []:
+            c.append(token)
     return total, greedy
 
 
-def greedy_tokens(models, large, pairs, prompt: list[int], vocab: int, max_new: int, eos: int) -> list[int]:
-    """Greedy fused decoding, recomputing every prefix."""
+def greedy_tokens(models, large, pairs, prompt: list[int], vocab: int, max_new: int, eos: int, pair_prompts=None) -> list[int]:
+    """Greedy fused decoding, recomputing every prefix; with views, pair k reads
+    ``pair_prompts[k]`` followed by the same generated tokens."""
     tokens, out = list(prompt), []
+    own = None if pair_prompts is None else [list(c) for c in pair_prompts]
     for _ in range(max_new):
-        token = int(fused_logits(models, large, pairs, tokens, vocab).argmax())
+        token = int(fused_logits(models, large, pairs, tokens, vocab, own).argmax())
         out.append(token)
         if token == eos:
             break
         tokens.append(token)
+        for c in own or []:
+            c.append(token)
     return out

@@ -197,25 +197,40 @@ def test_shipped_registries_are_valid():
     assert all(paper.models[p.expert].placeholder for p in paper.pairs.values())
 
 
-def test_chat_template_mismatch_is_reported(tmp_path, tiny_world, caplog):
+def test_chat_pair_whose_expert_has_no_template(tmp_path, tiny_world, no_model_loads):
+    def edit(doc):
+        doc["pairs"]["a1"]["chat_template"] = True
+
+    with pytest.raises(RegistryError, match=r"edited\.yaml: pairs\.a1 has chat_template: true, but the tokenizer of its expert expert-a1 .* has no chat template"):
+        build(write_registry(tmp_path, tiny_world, edit), experts="a1")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(shots="some"), r"model_args shots='some' is not one of all, large"),
+        (dict(shots="large", route="prompt"), r"route=prompt reads one prompt for every pair; it cannot be combined with shots=large"),
+    ],
+)
+def test_bad_shots(tiny_world, no_model_loads, kwargs, message):
+    with pytest.raises(RegistryError, match=message):
+        build(tiny_world["registry"], experts="a1+a2", solver="static", **kwargs)
+
+
+def test_raw_pairs_under_the_large_models_chat_template_are_reported(tiny_world, caplog):
     import logging
 
     from lm_eval.api.instance import Instance
 
-    def edit(doc):
-        doc["pairs"]["a1"]["chat_template"] = True
-
-    lm = build(write_registry(tmp_path, tiny_world, edit), experts="a1", solver="static")
+    lm = build(tiny_world["registry"], experts="a1", solver="static")
+    lm._chat_template_applied = True  # as lm-eval's apply_chat_template call sets it
     request = [Instance("loglikelihood", None, ("The river", " Tesh"), 0)]
     with caplog.at_level(logging.WARNING, logger="dlf_plugin.lm"):
         lm.loglikelihood(request)
         lm.loglikelihood(request)
     warnings = [r.getMessage() for r in caplog.records if "chat template" in r.getMessage()]
     assert len(warnings) == 1  # once per model
-    assert "expert pairs a1" in warnings[0] and "expect a chat template" in warnings[0] and "--apply_chat_template" in warnings[0]
-    # Mixing pairs that disagree is refused outright.
-    with pytest.raises(RegistryError, match=r"disagree on chat_template"):
-        build(write_registry(tmp_path, tiny_world, edit), experts="a1+a2")
+    assert "expert pairs a1" in warnings[0] and "(chat_template: false) read it too" in warnings[0]
 
 
 def _hub_registry(tmp_path, tiny_world, repo: str) -> str:

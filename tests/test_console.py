@@ -79,7 +79,7 @@ def test_a_cache_serves_only_the_configuration_that_filled_it(tiny_world, tmp_pa
     static = DLFLM(registry=registry, experts="a1", solver="static", weight=0.5)
     base = DLFLM(registry=registry, experts="")
     request = [Instance("loglikelihood", None, ("The river", " Tesh"), 0)]
-    for first, second, differ in ((static, base, "models, pairs, solver"), (base, static, "models, pairs, solver")):
+    for first, second, differ in ((static, base, "models, pairs, solver, views"), (base, static, "models, pairs, solver, views")):
         path = str(tmp_path / f"{first.engine.solver.name}-{len(first.pair_specs)}.db")
         [answer] = CachingLM(first, path).loglikelihood(request)
         assert CachingLM(first, path).loglikelihood(request) == [answer]  # the same configuration: served

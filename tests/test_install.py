@@ -141,7 +141,7 @@ def test_lm_eval_command_runs_dlf_and_records_metadata(regular, tiny_world):
     base_only = [a.replace("experts=a1+b,solver=static,weight=0.5", "experts=") for a in args]
     third = run(python, *base_only, cwd=root)
     assert third.returncode != 0
-    assert "was filled by a different dlf configuration (differs in: models, pairs, solver)" in third.stderr, third.stderr[-3000:]
+    assert "was filled by a different dlf configuration (differs in: models, pairs, solver, views)" in third.stderr, third.stderr[-3000:]
     assert glob.glob(str(out_dir / "**" / "*"), recursive=True) == written
 
 
