@@ -188,3 +188,27 @@ def test_lm_eval_tasks_render_every_view_with_the_same_demonstrations(chat_world
     with pytest.raises(RequestError, match=r"request 0 \(task toy_qa_dev, doc_id 0\) was rendered for other prompt views"):
         lm.generate_until(built[:1])
     views.record({})
+
+
+def test_a_num_fewshot_run_shows_the_demonstrations_to_the_large_model_only():
+    """lm-eval end to end on the toy world (2 shots, shots=large): the large model's prompts
+    hold the demonstrations, the pair's hold the question alone; the results say so."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from dlf_plugin.resources import data_root
+
+    lm = DLFLM(registry="toy", experts="qa", shots="large", batch_size=4)
+    seen = []
+    generate = lm.engine.generate
+    lm.engine.generate = lambda ids, mask, *a, **k: seen.append((ids, mask)) or generate(ids, mask, *a, **k)
+    manager = TaskManager(include_path=str(data_root() / "tasks" / "toy"))
+    out = lm_eval.simple_evaluate(model=lm, tasks=["toy_qa_dev"], task_manager=manager, limit=4, num_fewshot=2, log_samples=True, bootstrap_iters=0)
+    (large, zero), (large_mask, zero_mask) = seen[0]
+    for row in range(4):
+        assert lm.tok_decode(large[row][large_mask[row].bool()].tolist()).count("Question:") == 3
+        text = lm.tok_decode(zero[row][zero_mask[row].bool()].tolist(), skip_special_tokens=True)
+        assert text.startswith("Question: What is the capital of ") and text.count("Question:") == 1
+    recorded = out["config"]["dlf"]
+    assert recorded["shots"] == "large"
+    assert [(v["name"], v["shots"], v["models"]) for v in recorded["views"]] == [("large", True, ["large-base"]), ("zero-shot", False, ["small-base", "expert-qa"])]
