@@ -304,7 +304,7 @@ class FusionEngine:
         for row, length in enumerate(lengths):
             positions[row, max(length - 1 - last, 0) if last else 0 : max(length - 1, 0)] = True
         names = list(dict.fromkeys(self.bases + self.experts))
-        hidden, rows_of, cols_of = self._hidden_at(names, [input_ids] * self.n_views, [positions] * self.n_views)
+        hidden, rows_of, cols_of = self._hidden_at(names, input_ids, positions)
         targets = input_ids.cpu()[rows_of, cols_of + 1].to(self.device)
         owner = rows_of.to(self.device)
         totals = {name: torch.zeros(batch, dtype=torch.float32, device=self.device) for name in names}

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import dlf_plugin
 from dlf_plugin import arguments, console, loading, views
 from dlf_plugin.backends import LocalModel
-from dlf_plugin.engine import DEFAULT_FUSION_MEMORY, FusionEngine, Pair, Sampling
+from dlf_plugin.engine import DEFAULT_FUSION_MEMORY, FusionEngine, Sampling
 from dlf_plugin.errors import DLFError
 from dlf_plugin.fusion import FusionInputs, dlf_loss
 from dlf_plugin.registry import DTYPES, RegistryError, load_registry
@@ -272,14 +272,14 @@ class DLFLM(HFLM):
                 "for pairs whose experts have a template of their own", ", ".join(raw), self.registry.path,
             )
 
-    def _take_views(self, requests, contexts) -> None:
+    def _take_views(self, requests) -> None:
         """Per context, its rendering in every view past view 0, from the requests lm-eval
         built (``views.record``); a request without them is refused before any request runs."""
         self._view_texts = {}
         if self.views.plain:
             return
         names = [v.name for v in self.views.views[1:]]
-        for index, (request, context) in enumerate(zip(requests, contexts)):
+        for index, request in enumerate(requests):
             texts = getattr(request, "dlf_views", None)
             stamp = getattr(request, "dlf_views_signature", self._views_signature)  # by hand: unstamped
             if stamp != self._views_signature:
@@ -295,12 +295,12 @@ class DLFLM(HFLM):
                     "requests; requests made by hand, or loaded by --cache_requests from a run without dlf, have none "
                     "(rebuild them: --cache_requests refresh)"
                 )
-            self._view_texts[context] = texts
+            self._view_texts[request.args[0]] = texts
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         arguments.check_loglikelihood_requests(requests)
         self._check_prompt_format()
-        self._take_views(requests, [r.args[0] for r in requests])
+        self._take_views(requests)
         return self._routed(requests, lambda group: super(DLFLM, self).loglikelihood(group, disable_tqdm=disable_tqdm))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
@@ -311,7 +311,7 @@ class DLFLM(HFLM):
     def generate_until(self, requests, disable_tqdm: bool = False):
         arguments.check_generation_requests(requests)
         self._check_prompt_format()
-        self._take_views(requests, [r.args[0] for r in requests])
+        self._take_views(requests)
         return self._routed(requests, lambda group: super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm))
 
     # -- route=task: each task's own pairs ------------------------------------------------
