@@ -263,7 +263,7 @@ class FusionEngine:
         Returns:
             Scores for the M positions.
         """
-        hidden, _, _ = self._hidden_at(self.forward_order, input_ids, positions)
+        hidden, _, _ = self._hidden_at(self.forward_order, input_ids, positions, targets)
         m = len(hidden[self.large])
         targets = targets.to(self.device)
         logprobs = torch.empty(targets.shape, dtype=torch.float32, device=self.device)
@@ -316,10 +316,13 @@ class FusionEngine:
                 totals[name].index_add_(0, owner[rows], picked)
         return torch.stack([totals[p.expert] - totals[p.base] for p in self.pairs], dim=1) if self.pairs else torch.zeros(batch, 0, device=self.device)
 
-    def _hidden_at(self, names: list[str], input_ids: TokensByView, positions: TokensByView):
+    def _hidden_at(self, names: list[str], input_ids: TokensByView, positions: TokensByView, targets: torch.Tensor | None = None):
         """Each model's last hidden states at the True ``positions`` of its view (``[B, T]``
         bool each), in row-major order, every body run once over the batch: ``({name: [M, H]},
-        rows [M], cols [M])``, rows and columns those of view 0, on the host (no device sync)."""
+        rows [M], cols [M])``, rows and columns those of view 0, on the host (no device sync).
+
+        A model behind a server (``dlf_plugin.remote``) gives log-probabilities ``[M, V]``
+        instead; ``targets`` (``score``'s) tell it the token after each row's last position."""
         input_ids, positions = self._by_view(input_ids), [p.cpu() for p in self._by_view(positions)]
         counts = [p.sum(1) for p in positions]
         if any(not torch.equal(c, counts[0]) for c in counts[1:]):
@@ -334,6 +337,11 @@ class FusionEngine:
         for name in names:
             view = self.view_of[name]
             keep, flat = picks[view]
+            if getattr(self.models[name], "remote", False):
+                last = positions[view].sum(1).cumsum(0) - 1  # each row's last position, in flat order
+                follow = [int(targets[i, 0]) if targets is not None and n else -1 for i, n in zip(last.clamp_min(0).tolist(), positions[view].sum(1).tolist())]
+                hidden[name] = self.models[name].scored_at(input_ids[view], positions[view], follow)
+                continue
             states = self.models[name].hidden(input_ids[view])[:, -keep:]
             hidden[name] = states.reshape(-1, states.shape[-1]).index_select(0, flat.to(states.device))
         keep, flat = picks[0]

@@ -31,6 +31,7 @@ from dlf_plugin.engine import DEFAULT_FUSION_MEMORY, FusionEngine, Sampling
 from dlf_plugin.errors import DLFError
 from dlf_plugin.fusion import FusionInputs, dlf_loss
 from dlf_plugin.registry import DTYPES, RegistryError, load_registry
+from dlf_plugin.remote import RemoteModel
 from dlf_plugin.solvers.base import make_solver
 from dlf_plugin.trace import TraceWriter
 
@@ -145,9 +146,20 @@ class DLFLM(HFLM):
                 trace = str(path.with_name(f"{path.stem}.rank{accelerator.process_index}{path.suffix}")) if accelerator.process_index else trace
         arguments.check_trace_path(trace)
 
+        served = self.registry.models[self.registry.large].server is not None
+        if served and not pair_specs:
+            raise RegistryError(
+                f"the large model {self.registry.large} is behind a server and no expert pair is chosen: there is "
+                "nothing to fuse (lm-eval's own local-completions model evaluates a server alone); name pairs in experts"
+            )
+        if served and self.speculate > 1:
+            raise RegistryError(
+                f"model_args speculate={self.speculate}: the large model {self.registry.large} is behind a server, which "
+                "would have to score the drafted tokens by echo at every step; drop speculate"
+            )
         specs = self.registry.models_for(pair_specs)
         loading.check_sources(specs, self.registry.path)
-        placements = {s.name: loading.resolve_placement(s, placement, self.registry, device) for s in specs}
+        placements = {s.name: loading.resolve_placement(s, placement, self.registry, device) for s in specs if s.server is None}
         for name, (model_device, _) in placements.items():
             loading.check_device(name, model_device, str(self.registry.path))
         tokenizers = loading.load_tokenizers(specs, self.registry.path)
@@ -164,17 +176,26 @@ class DLFLM(HFLM):
         self._view_texts: dict[str, dict] = {}  # context -> view name -> text, for the call running
         self._boundary_differs = [0] * len(self.views.views)
 
-        loaded = {s.name: loading.load_model(s, *placements[s.name], dtype or s.dtype, self.registry.path) for s in specs}
+        client = None
+        if served:  # asked now: a server that is down fails the run before any weights load
+            client, self.served = loading.connect(self.registry.models[self.registry.large], tokenizers[self.registry.large])
+        loaded = {s.name: loading.load_model(s, *placements[s.name], dtype or s.dtype, self.registry.path) for s in specs if s.server is None}
+        local = next(iter(loaded.values()), None)  # HFLM wants a model object; behind a server, the first small one stands in
+        if served:
+            loaded = {self.registry.large: self.served, **loaded}
         self.loaded = loaded
         tokenizer = tokenizers[self.registry.large]
         with console.preloaded_model():
-            super().__init__(pretrained=loaded[self.registry.large].model, tokenizer=tokenizer, **hflm_args)
+            super().__init__(pretrained=loaded[self.registry.large].model or local.model, tokenizer=tokenizer, **hflm_args)
         if accelerator is not None:  # lm-eval shards the requests by rank and gathers on rank 0
             self.accelerator = accelerator
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
-        vocab = min([len(tokenizer)] + [loading.output_vocab_size(m.model) for m in loaded.values()])
-        large_device = next(loaded[self.registry.large].model.parameters()).device
-        backends = {name: LocalModel(name, m.model, vocab, large_device) for name, m in loaded.items()}
+        vocab = min([len(tokenizer)] + [loading.output_vocab_size(m.model) for m in loaded.values() if m.model is not None])
+        large_device = next((loaded[self.registry.large].model or local.model).parameters()).device
+        backends = {name: LocalModel(name, m.model, vocab, large_device) for name, m in loaded.items() if m.model is not None}
+        if client is not None:
+            client.vocab_size = vocab
+            backends[self.registry.large] = RemoteModel(client, large_device)
         probe = torch.tensor([tokenizer.encode("dlf checks each output layer")[:8]])
         for backend in backends.values():
             backend.check_head(probe)
@@ -243,7 +264,7 @@ class DLFLM(HFLM):
         """Everything that changes a cached answer: dlf's version, the registry's bytes, each
         model's source, revision, weights' hash and dtype, the pairs and routing, the solver
         and its options, and how prompts are cut (max_length, BOS)."""
-        keep = ("source", "resolved_revision", "content_sha256", "dtype")
+        keep = ("source", "resolved_revision", "content_sha256", "dtype", "server")
         return {
             "dlf_version": dlf_plugin.__version__,
             "registry_sha256": self.registry.sha256,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from dlf_plugin import merging
+from dlf_plugin import merging, remote
 from dlf_plugin.backends import ModelFault
 from dlf_plugin.registry import ModelSpec, Registry, RegistryError
 
@@ -31,7 +31,7 @@ HASH_LIMIT_BYTES = 2 * 1024**3
 @dataclasses.dataclass
 class LoadedModel:
     spec: ModelSpec
-    model: transformers.PreTrainedModel
+    model: transformers.PreTrainedModel | None  # None behind a server
     provenance: dict
 
 
@@ -74,6 +74,8 @@ def check_sources(specs: list[ModelSpec], registry_path: Path) -> None:
                 f"{registry_path}: models.{spec.name} is a placeholder ({spec.placeholder}); "
                 "replace it by a path: or hub: entry before using it"
             )
+        if spec.server is not None:
+            continue  # its tokenizer loads next; the server is asked before any weights load
         if spec.merge is not None:
             check_sources(spec.merge.sources, registry_path)
             merging.check_merge(spec, registry_path)
@@ -212,6 +214,8 @@ def check_output_vocabularies(specs: list[ModelSpec], tokens: int, registry_path
     """Every model's output layer covers the shared tokenizer, read from its config (before
     any weights load): a smaller head could not score the tokenizer's last ids."""
     for spec in specs:
+        if spec.server is not None:  # the server's vocabulary is its tokenizer's (checked by check_vocabularies)
+            continue
         try:
             location = spec.merge.base.location if spec.merge is not None else spec.location
             config = transformers.AutoConfig.from_pretrained(location, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
@@ -284,6 +288,26 @@ def load_model(spec: ModelSpec, device: str | None, device_map: str | None, dtyp
         check_finite_weights(spec, model)
     placed = device if device_map is None else f"device_map={device_map}"
     return LoadedModel(spec=spec, model=model, provenance=provenance(spec, model, placed))
+
+
+def connect(spec: ModelSpec, tokenizer) -> tuple[remote.Client, LoadedModel]:
+    """A client for a model behind a server, which must answer and serve the model now
+    (before any weights load); what the results record about it."""
+    client = remote.Client(spec.name, spec.server, tokenizer)
+    listed = next(m for m in client.models() if m.get("id") == spec.server.model)
+    record = {
+        "source": spec.location,
+        "kind": "server",
+        "server": dataclasses.asdict(spec.server),
+        "served": listed,
+        "tokenizer": spec.tokenizer,
+        "requested_revision": None,
+        "resolved_revision": None,
+        "dtype": None,
+        "placement": "server",
+        "num_parameters": None,
+    }
+    return client, LoadedModel(spec=spec, model=None, provenance=record)
 
 
 def check_finite_weights(spec: ModelSpec, model) -> None:

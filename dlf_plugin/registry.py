@@ -26,7 +26,14 @@ A model may instead be a task-arithmetic merge of local checkpoints of one shape
       ta-expert:
         merge: {base: small-base, models: {gsm8k-expert: 0.5, mmlu-expert: 0.5}}
 
-Per model, besides exactly one of ``path``/``hub``/``placeholder``/``merge``: ``revision``,
+The large model may instead be served by an inference server (``dlf_plugin.remote``); its
+tokenizer is read here::
+
+      large-base:
+        server: {api: openai-completions, url: "http://127.0.0.1:8000/v1", model: name, top_n: 20}
+        tokenizer: ../tokenizers/large-base
+
+Per model, besides exactly one of ``path``/``hub``/``placeholder``/``merge``/``server``: ``revision``,
 ``tokenizer`` (a path or hub id when the tokenizer lives elsewhere), ``dtype``,
 ``device`` or ``device_map`` (not both), ``allow_pickle`` (default false: only
 safetensors weights load), ``trust_remote_code`` (default false) and ``check_weights``
@@ -62,9 +69,15 @@ _MODEL_KEYS = {
     "trust_remote_code",
     "check_weights",
     "merge",
+    "server",
     "note",
 }
 _MERGE_KEYS = {"base", "models"}
+_SERVER_KEYS = {"api", "url", "model", "top_n", "prompt", "timeout", "retries", "concurrency"}
+SERVER_APIS = ("openai-completions",)
+SERVER_PROMPTS = ("tokens", "text")
+# Entries that set how a model is loaded here, meaningless for a model behind a server.
+_LOAD_KEYS = ("revision", "dtype", "device", "device_map", "allow_pickle", "trust_remote_code", "check_weights")
 _PAIR_KEYS = {"expert", "base", "tasks", "chat_template", "note"}
 
 
@@ -107,6 +120,35 @@ class ModelSpec:
     placeholder: str | None
     check_weights: bool = True
     merge: MergeSpec | None = None
+    server: ServerSpec | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSpec:
+    """A large model behind an inference server (``dlf_plugin.remote``).
+
+    Attributes:
+        api: the protocol; ``openai-completions`` (vLLM, SGLang, llama.cpp, TGI's Messages
+            API all serve ``/v1/completions`` with token logprobs).
+        url: the server's base URL, up to and including ``/v1``.
+        model: the model name the server expects in requests.
+        top_n: how many top logprobs to ask for at each position.
+        prompt: ``tokens`` (send token ids: vLLM, SGLang, llama.cpp's llama-server) or
+            ``text`` (send the decoded text; the server must tokenise it back to the same
+            ids, which dlf checks on every request).
+        timeout: seconds one request may take.
+        retries: further tries of a request that failed to connect, timed out or got a 5xx.
+        concurrency: requests in flight at once.
+    """
+
+    api: str
+    url: str
+    model: str
+    top_n: int
+    prompt: str = "tokens"
+    timeout: float = 60.0
+    retries: int = 2
+    concurrency: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,13 +381,16 @@ def _parse_model(path: Path, key: str, spec: Any, default_dtype: str):
     where, at = str(path), f"models.{key}"
     _require_mapping(spec, where, at)
     _check_keys(spec, _MODEL_KEYS, where, at)
-    sources = [k for k in ("path", "hub", "placeholder", "merge") if k in spec]
+    sources = [k for k in ("path", "hub", "placeholder", "merge", "server") if k in spec]
     if len(sources) != 1:
         raise RegistryError(
             f"{where}: {at} must have exactly one of path (local directory), hub (hub id), "
-            f"placeholder (why it is unavailable) or merge (a task-arithmetic merge); found {sources or 'none'}"
+            f"placeholder (why it is unavailable), merge (a task-arithmetic merge) or server (an inference "
+            f"server); found {sources or 'none'}"
         )
     source = sources[0]
+    if source == "server":
+        return _parse_server(path, key, spec)
     if source == "merge":
         for option in ("revision", "tokenizer", "allow_pickle", "trust_remote_code"):
             if option in spec:
@@ -365,10 +410,7 @@ def _parse_model(path: Path, key: str, spec: Any, default_dtype: str):
         raise RegistryError(f"{where}: {at} sets both device and device_map; keep one")
     tokenizer = spec.get("tokenizer")
     if tokenizer is not None:
-        tokenizer = _string(tokenizer, where, f"{at}.tokenizer")
-        local = path.parent / Path(tokenizer).expanduser()
-        if tokenizer.startswith((".", "/", "~")) or local.is_dir():
-            tokenizer = str(local.resolve())
+        tokenizer = _tokenizer_location(path, tokenizer, f"{at}.tokenizer")
     return ModelSpec(
         name=key,
         location=location,
@@ -383,6 +425,79 @@ def _parse_model(path: Path, key: str, spec: Any, default_dtype: str):
         placeholder=value if source == "placeholder" else None,
         check_weights=_bool(spec.get("check_weights", True), where, f"{at}.check_weights"),
     )
+
+
+def _tokenizer_location(path: Path, value: Any, at: str) -> str:
+    """A ``tokenizer:`` entry: a folder (relative to the registry) or a hub id."""
+    value = _string(value, str(path), at)
+    local = path.parent / Path(value).expanduser()
+    return str(local.resolve()) if value.startswith((".", "/", "~")) or local.is_dir() else value
+
+
+def _parse_server(path: Path, key: str, spec: dict) -> ModelSpec:
+    """A model behind an inference server: its ``server:`` mapping and its local ``tokenizer``."""
+    where, at = str(path), f"models.{key}"
+    for option in _LOAD_KEYS:
+        if option in spec:
+            raise RegistryError(f"{where}: {at}.{option} does not apply to a model behind a server (the server loads it)")
+    if "tokenizer" not in spec:
+        raise RegistryError(
+            f"{where}: {at} is behind a server and needs tokenizer: (a local folder or hub id of the served "
+            "model's tokenizer): dlf tokenises requests and checks the vocabulary against the small models"
+        )
+    server = spec["server"]
+    _require_mapping(server, where, f"{at}.server")
+    _check_keys(server, _SERVER_KEYS, where, f"{at}.server")
+    for part in ("api", "url", "model", "top_n"):
+        if part not in server:
+            raise RegistryError(
+                f"{where}: {at}.server is missing required key '{part}' "
+                f"(server: {{api: {SERVER_APIS[0]}, url: http://host:port/v1, model: <name>, top_n: <int>}})"
+            )
+    api = server["api"]
+    if api not in SERVER_APIS:
+        raise RegistryError(f"{where}: {at}.server.api: {_clip(api)} is not one of {', '.join(SERVER_APIS)}")
+    url = _string(server["url"], where, f"{at}.server.url")
+    if not url.startswith(("http://", "https://")):
+        raise RegistryError(f"{where}: {at}.server.url must start with http:// or https://, got {_clip(url)}")
+    prompt = server.get("prompt", "tokens")
+    if prompt not in SERVER_PROMPTS:
+        raise RegistryError(f"{where}: {at}.server.prompt: {_clip(prompt)} is not one of {', '.join(SERVER_PROMPTS)}")
+    return ModelSpec(
+        name=key,
+        location=url,
+        is_local=False,
+        revision=None,
+        tokenizer=_tokenizer_location(path, spec["tokenizer"], f"{at}.tokenizer"),
+        dtype="auto",
+        device=None,
+        device_map=None,
+        allow_pickle=False,
+        trust_remote_code=False,
+        placeholder=None,
+        server=ServerSpec(
+            api=api,
+            url=url.rstrip("/"),
+            model=_string(server["model"], where, f"{at}.server.model"),
+            top_n=_integer(server["top_n"], where, f"{at}.server.top_n", 1),
+            prompt=prompt,
+            timeout=_number(server.get("timeout", 60.0), where, f"{at}.server.timeout"),
+            retries=_integer(server.get("retries", 2), where, f"{at}.server.retries", 0),
+            concurrency=_integer(server.get("concurrency", 8), where, f"{at}.server.concurrency", 1),
+        ),
+    )
+
+
+def _integer(value: Any, where: str, at: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RegistryError(f"{where}: {at} must be a whole number >= {minimum}, got {_clip(value)}")
+    return value
+
+
+def _number(value: Any, where: str, at: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+        raise RegistryError(f"{where}: {at} must be a number of seconds in (0, 86400], got {_clip(value)}")
+    return float(value)
 
 
 def _parse_merge(where: str, key: str, spec: Any, models: dict[str, ModelSpec]) -> ModelSpec:
@@ -437,6 +552,11 @@ def _parse_pair(where: str, key: str, spec: Any, models: dict[str, ModelSpec], l
             )
         if spec[role] == large:
             raise RegistryError(f"{where}: {at}.{role} is the large model {large!r}")
+        if models[spec[role]].server is not None:
+            raise RegistryError(
+                f"{where}: {at}.{role}: {spec[role]!r} is behind a server; only the large model may be (the small "
+                "models' full logits are needed at every step: load them here with path: or hub:)"
+            )
     if spec["expert"] == spec["base"]:
         raise RegistryError(f"{where}: {at}: expert and base are the same model {spec['base']!r}")
     tasks = spec.get("tasks", [])

@@ -106,3 +106,97 @@ def peaked_fusion_inputs(rows: int, pairs: int, vocab: int, seed: int) -> Fusion
     small = peaked(rows, pairs, vocab)
     expert = small + torch.randn(rows, pairs, vocab, generator=gen) * 0.8
     return FusionInputs(base, small, expert, torch.ones(rows, dtype=torch.bool))
+
+
+def save_gguf(folder: str | Path, out: str | Path) -> Path:
+    """A Llama checkpoint with a byte-level BPE tokenizer (these tiny models, the toy
+    world's) as one float32 GGUF file that llama.cpp serves; needs the ``gguf`` package.
+
+    Attention's query and key rows are reordered from transformers' rotary layout (halves)
+    to llama.cpp's (interleaved pairs). The special tokens are written as user-defined, so
+    that a server renders them as their text (``</s>``), not as "" like a byte piece of a
+    split character.
+    """
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    folder, out = Path(folder), Path(out)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    if config.model_type != "llama":
+        raise ValueError(f"{folder}: save_gguf writes Llama checkpoints, not {config.model_type}")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    if spec["model"]["type"] != "BPE" or spec.get("pre_tokenizer", {}).get("type") != "ByteLevel":
+        raise ValueError(f"{folder}: save_gguf writes byte-level BPE tokenizers only")
+    vocab = spec["model"]["vocab"]
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    tokens = sorted(vocab, key=vocab.get)
+    special = {added["content"] for added in spec.get("added_tokens", []) if added.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or getattr(config, "rope_theta", 10000.0)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(len(tokens))
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.USER_DEFINED if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    if "<unk>" in vocab:
+        writer.add_unk_token_id(vocab["<unk>"])
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+    def interleaved(weight: torch.Tensor, n: int) -> torch.Tensor:
+        rows, cols = weight.shape
+        return weight.reshape(n, 2, rows // n // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    }
+    weights = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(path))
+    for name, tensor in weights.items():
+        tensor = tensor.float()
+        if name.startswith("model.layers."):
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            module = rest.removesuffix(".weight")
+            if module == "self_attn.q_proj":
+                tensor = interleaved(tensor, heads)
+            elif module == "self_attn.k_proj":
+                tensor = interleaved(tensor, kv_heads)
+            target = f"blk.{layer}.{per_layer[module]}.weight"
+        else:
+            target = names[name]
+        writer.add_tensor(target, tensor.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

@@ -1,0 +1,302 @@
+"""The large model behind an inference server (dlf_plugin.remote): against the local backend,
+within the tail rule's bound, and every way a server can fail, named before anything is
+written. A real server (llama-cpp-python's) runs ``lm_eval --model dlf`` in test_real_server."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lm_eval.api.instance import Instance
+
+from dlf_plugin import loading, tiny_models
+from dlf_plugin.lm import DLFLM
+from dlf_plugin.registry import RegistryError
+from dlf_plugin.remote import ServerError
+from servers import StandIn, free_port, llama_server
+from test_against_reference import CONTEXTS, PROMPTS, UNTIL, gen_requests, ll_requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def served_registry(tmp_path, tiny_world, url: str, **server) -> str:
+    """The tiny world's registry with its large model behind ``url``."""
+    doc = yaml.safe_load(tiny_world["registry"].read_text())
+    for spec in doc["models"].values():
+        spec["path"] = str(tiny_world["root"] / spec["path"])
+    settings = {"api": "openai-completions", "url": url, "model": "tiny-large", "top_n": tiny_world["vocab"], **server}
+    doc["models"]["large"] = {"server": settings, "tokenizer": str(tiny_world["root"] / "large")}
+    path = tmp_path / f"served-{abs(hash(json.dumps(settings, sort_keys=True)))}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def large(tiny_models_loaded):
+    return tiny_models_loaded["large"]
+
+
+@pytest.mark.parametrize("solver", ["static", "dlf"])
+def test_full_support_equals_the_local_backend(tmp_path, tiny_world, large, solver):
+    """top_n = the vocabulary: loglikelihoods to 1e-4, greedy generations token for token,
+    batched, with stop strings; rolling loglikelihoods too.
+
+    These random models give loglikelihoods of -250 to -650; the dlf solver's float32
+    rounding alone moves them by up to 1.9e-4 between batch sizes 1 and 3 of the local
+    backend, so dlf's are compared to 2e-6 relative (the server's float32 log-softmax rounds
+    differently from the local head)."""
+    local = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver=solver, batch_size="3")
+    with StandIn(large, "tiny-large") as server:
+        remote = DLFLM(registry=served_registry(tmp_path, tiny_world, server.url), experts="a1+b", solver=solver, batch_size="3")
+        ours, theirs = remote.loglikelihood(ll_requests()), local.loglikelihood(ll_requests())
+        rolling = [Instance("loglikelihood_rolling", None, (c + x,), i) for i, (c, x) in enumerate(CONTEXTS)]
+        ours_rolling, theirs_rolling = remote.loglikelihood_rolling(rolling), local.loglikelihood_rolling(rolling)
+        generated = remote.generate_until(gen_requests())
+    tolerance = dict(abs=1e-4) if solver == "static" else dict(abs=1e-4, rel=2e-6)
+    for (lp, greedy), (ref_lp, ref_greedy) in zip(ours, theirs):
+        assert lp == pytest.approx(ref_lp, **tolerance)
+        assert greedy == ref_greedy
+    assert ours_rolling == pytest.approx(theirs_rolling, **tolerance)
+    assert generated == local.generate_until(gen_requests())
+    assert any(g for g in generated)  # something was generated before the stops
+    info = remote.get_model_info()["dlf"]["models"]["large"]
+    assert info["kind"] == "server" and info["server"]["top_n"] == tiny_world["vocab"] and info["source"] == server.url
+
+
+TOY_PAIRS = (("expert-qa", "small-base"), ("expert-fill", "small-base"))
+TOY_REQUESTS = [
+    ("Question: What is the capital of Voustunia?\nAnswer:", " Driszaim"),
+    ("Question: What is the capital of Simfuthia?\nAnswer:", " Bailtour"),
+    ("Fill in the blank.\nThe emblem of Voustunia is the ___.\nBlank:", " eagle"),
+    ("Fill in the blank.\nThe emblem of Simfuthia is the ___.\nBlank:", " heron"),
+    ("The capital of Voustunia is", " Driszaim, on the river."),
+]
+
+
+@pytest.fixture(scope="module")
+def toy_models():
+    import transformers
+
+    names = ["large-base", "small-base", "expert-qa", "expert-fill"]
+    return {n: transformers.AutoModelForCausalLM.from_pretrained(REPO / "models" / "toy" / n, dtype=torch.float32).eval() for n in names}
+
+
+@pytest.mark.parametrize("top_n", [5, 20])
+def test_small_top_n_stays_within_the_tail_bound(tmp_path, toy_models, top_n):
+    """The toy world's trained models, static weights 0.7, the large model's top_n reported:
+    each fused continuation loglikelihood is the tail rule's (reported log-probabilities, the
+    rest of the mass spread evenly), fused here in float64 from the models themselves; it is
+    within the sum over its tokens of log((Z_K + r max_U g) / (Z_K + r min_U g)) of the exact
+    one; and the truncation does change the answers."""
+    weight = 0.7
+    requests = [Instance("loglikelihood", None, pair, i) for i, pair in enumerate(TOY_REQUESTS)]
+    local = DLFLM(registry=str(toy_registry(tmp_path, {"path": str(REPO / "models" / "toy" / "large-base")})), experts="qa+fill", solver="static", weight=weight)
+    with StandIn(toy_models["large-base"], "toy-large") as server:
+        served = {"server": {"api": "openai-completions", "url": server.url, "model": "toy-large", "top_n": top_n}, "tokenizer": str(REPO / "models" / "toy" / "large-base")}
+        remote = DLFLM(registry=str(toy_registry(tmp_path, served)), experts="qa+fill", solver="static", weight=weight)
+        ours = remote.loglikelihood(requests)
+    theirs = local.loglikelihood(requests)
+    vocab = local.engine.vocab_size
+    errors, bounds, by_rule = [], [], []
+    for (context, continuation), (lp, _), (ref_lp, _) in zip(TOY_REQUESTS, ours, theirs):
+        ctx, cont = local._encode_pair(context, continuation)
+        tokens = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logits = {name: model(tokens).logits[0, :, :vocab].double() for name, model in toy_models.items()}
+        bound = rule = 0.0
+        for position in range(len(ctx) - 1, len(ctx) + len(cont) - 1):
+            target = tokens[0, position + 1]
+            p = logits["large-base"][position].softmax(-1)
+            reported = torch.zeros(vocab, dtype=torch.bool)
+            reported[p.topk(top_n).indices] = True
+            reported[target] = True  # a scored position also reports its actual token
+            tilt = weight * sum(logits[e][position] - logits[s][position] for e, s in TOY_PAIRS)
+            # The rule rebuilds from what a server sends: float32 log-probabilities (when the
+            # reported tokens hold nearly all the mass, the rest is sensitive to their rounding).
+            sent = logits["large-base"][position].float().log_softmax(-1).double()
+            rest_sent = 1.0 - float(sent[reported].exp().sum())
+            rebuilt = sent.masked_fill(~reported, math.log(rest_sent / int((~reported).sum())))
+            rule += float((rebuilt + tilt).log_softmax(-1)[target])
+            g = (tilt - tilt.max()).exp()
+            z_known, rest = float((p * g)[reported].sum()), float(p[~reported].sum())
+            bound += math.log((z_known + rest * float(g[~reported].max())) / (z_known + rest * float(g[~reported].min())))
+        errors.append(abs(lp - ref_lp))
+        bounds.append(bound)
+        by_rule.append(rule)
+    assert [lp for lp, _ in ours] == pytest.approx(by_rule, abs=1e-4)
+    assert all(e <= b + 1e-5 for e, b in zip(errors, bounds)), list(zip(errors, bounds))
+    assert max(errors) > 1e-4  # the top few tokens of 2048 do not give the exact answer
+
+
+def test_steps_the_server_ends_on_its_own_pick_are_read_by_echo(tmp_path, tiny_world, large):
+    """llama-cpp-python returns no logprobs for a step whose own greedy pick ends generation;
+    dlf reads that step's distribution by echo behind one more token, and generates exactly."""
+    local = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="static", batch_size="2")
+    with StandIn(large, "tiny-large", mode="stops") as server:
+        remote = DLFLM(registry=served_registry(tmp_path, tiny_world, server.url), experts="a1+b", solver="static", batch_size="2")
+        assert remote.generate_until(gen_requests()) == local.generate_until(gen_requests())
+
+
+def test_a_server_that_is_down_fails_before_any_weights_load(tmp_path, tiny_world, monkeypatch):
+    loads = []
+    monkeypatch.setattr(loading, "load_model", lambda spec, *a, **k: loads.append(spec.name))
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    registry = served_registry(tmp_path, tiny_world, url, retries=1)
+    with pytest.raises(ServerError, match=rf"model large: server {url}: models: .*refused.* \(2 tries\); check that the server is running"):
+        DLFLM(registry=registry, experts="a1")
+    assert loads == []
+
+
+@pytest.mark.parametrize(
+    "mode,server,message",
+    [
+        ("slow", dict(timeout=0.3, retries=0), r"completions: no answer within 0.3 s \(1 tries\).*raise server.timeout"),
+        ("http-500", dict(retries=1), r"completions answered HTTP 500 after 2 tries: .*fails on purpose"),
+        ("positive", {}, r"a reported log-probability is not a finite number <= 0"),
+        ("no-logprobs", {}, r"completions answered without choices\[0\].logprobs"),
+    ],
+)
+def test_a_misbehaving_server_stops_the_run_naming_it(tmp_path, tiny_world, large, mode, server, message):
+    with StandIn(large, "tiny-large", mode=mode, delay=1.5) as stand_in:
+        registry = served_registry(tmp_path, tiny_world, stand_in.url, **server)
+        with pytest.raises(ServerError, match=rf"model large: server {stand_in.url}: .*{message}"):
+            DLFLM(registry=registry, experts="a1")  # the load-time probe is the first request
+
+
+def test_the_wrong_model_name_is_named(tmp_path, tiny_world, large):
+    with StandIn(large, "tiny-large") as stand_in:
+        registry = served_registry(tmp_path, tiny_world, stand_in.url)
+        doc = yaml.safe_load(Path(registry).read_text())
+        doc["models"]["large"]["server"]["model"] = "other"
+        Path(registry).write_text(yaml.safe_dump(doc))
+        with pytest.raises(ServerError, match=r"serves \['tiny-large'\], not 'other'; set server.model"):
+            DLFLM(registry=registry, experts="a1")
+
+
+def test_failed_requests_are_retried(tmp_path, tiny_world, large):
+    with StandIn(large, "tiny-large", mode="flaky") as stand_in:
+        lm = DLFLM(registry=served_registry(tmp_path, tiny_world, stand_in.url, retries=2), experts="a1", solver="static")
+        client = lm.engine.models["large"].client
+        assert client.requests == 1 + 3  # /models, then the probe twice refused (503) and answered
+        assert lm.loglikelihood(ll_requests()[:2])[0][0] < 0
+
+
+def test_a_fault_mid_run_leaves_no_results(tmp_path, tiny_world, large):
+    """lm_eval with --output_path: the server breaks after a few answers; the run exits non-zero
+    naming the server, and no results file is written."""
+    out = tmp_path / "out"
+    with StandIn(large, "tiny-large", mode="fail-later", after=3) as stand_in:
+        registry = served_registry(tmp_path, tiny_world, stand_in.url)
+        run = subprocess.run(
+            [sys.executable, "-m", "lm_eval", "--model", "dlf", "--model_args", f"registry={registry},experts=a1+b",
+             "--tasks", "toy_qa", "--include_path", str(REPO / "tasks" / "toy"), "--limit", "6", "--batch_size", "2",
+             "--output_path", str(out)],
+            capture_output=True, text=True, cwd=tmp_path,
+        )
+        assert stand_in.completions > 3  # it did break mid-run
+    assert run.returncode != 0
+    assert f"server {stand_in.url}" in run.stderr and "not a finite number <= 0" in run.stderr
+    assert not [p for p in out.rglob("*") if p.is_file()]  # rglob of a missing folder is empty too
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda s: s.pop("tokenizer"), r"models.large is behind a server and needs tokenizer:"),
+        (lambda s: s["server"].update(api="grpc"), r"models.large.server.api: 'grpc' is not one of openai-completions"),
+        (lambda s: s["server"].update(url="127.0.0.1:8000"), r"models.large.server.url must start with http:// or https://"),
+        (lambda s: s["server"].update(top_n=0), r"models.large.server.top_n must be a whole number >= 1"),
+        (lambda s: s["server"].update(timeout=-1), r"models.large.server.timeout must be a number of seconds"),
+        (lambda s: s["server"].update(prompt="ids"), r"models.large.server.prompt: 'ids' is not one of tokens, text"),
+        (lambda s: s["server"].pop("model"), r"models.large.server is missing required key 'model'"),
+        (lambda s: s["server"].update(tls=True), r"unknown key\(s\) tls in models.large.server"),
+        (lambda s: s.update(dtype="float16"), r"models.large.dtype does not apply to a model behind a server"),
+    ],
+)
+def test_bad_server_entries_are_named_before_anything_loads(tmp_path, tiny_world, monkeypatch, edit, message):
+    monkeypatch.setattr(loading, "load_model", lambda spec, *a, **k: pytest.fail("a model loaded"))
+    registry = served_registry(tmp_path, tiny_world, "http://127.0.0.1:9/v1")
+    doc = yaml.safe_load(Path(registry).read_text())
+    edit(doc["models"]["large"])
+    Path(registry).write_text(yaml.safe_dump(doc))
+    with pytest.raises(RegistryError, match=message) as info:
+        DLFLM(registry=registry, experts="a1")
+    assert registry in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (dict(experts="a1", speculate=3), r"speculate=3: the large model large is behind a server"),
+        (dict(experts=""), r"behind a server and no expert pair is chosen"),
+    ],
+)
+def test_model_args_a_server_cannot_serve(tmp_path, tiny_world, monkeypatch, args, message):
+    monkeypatch.setattr(loading, "load_model", lambda spec, *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(RegistryError, match=message):
+        DLFLM(registry=served_registry(tmp_path, tiny_world, "http://127.0.0.1:9/v1"), **args)
+
+
+def test_a_small_model_behind_a_server_is_refused(tmp_path, tiny_world):
+    registry = served_registry(tmp_path, tiny_world, "http://127.0.0.1:9/v1")
+    doc = yaml.safe_load(Path(registry).read_text())
+    doc["models"]["small-a"] = doc["models"]["large"]
+    doc["models"]["large"] = {"path": str(tiny_world["root"] / "large")}
+    Path(registry).write_text(yaml.safe_dump(doc))
+    with pytest.raises(RegistryError, match=r"pairs.a1.base: 'small-a' is behind a server; only the large model may be"):
+        DLFLM(registry=str(registry), experts="a1")
+
+
+# -- a real server ---------------------------------------------------------------------
+
+
+def toy_registry(tmp_path: Path, large: dict) -> Path:
+    """The toy registry (trained models: the served model's tokens are text a server can
+    read back) in float32, with ``large`` as its large model's entry."""
+    doc = yaml.safe_load((REPO / "registry" / "toy.yaml").read_text())
+    for spec in doc["models"].values():
+        if "path" in spec:
+            spec["path"] = str((REPO / "registry" / spec["path"]).resolve())
+    doc["defaults"] = {"dtype": "float32", "device": "cpu"}
+    doc["models"][doc["large"]] = large
+    path = tmp_path / f"toy-{len(list(tmp_path.glob('toy-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run_lm_eval(registry: Path, out: Path) -> dict:
+    subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "dlf", "--model_args", f"registry={registry},experts=qa+fill,solver=dlf",
+         "--tasks", "toy_qa,toy_fill,toy_mc", "--include_path", str(REPO / "tasks" / "toy"), "--limit", "12",
+         "--batch_size", "4", "--log_samples", "--output_path", str(out)],
+        check=True, capture_output=True, text=True, cwd=out.parent,
+    )
+    by_task = {}
+    for path in out.rglob("samples_*.jsonl"):
+        by_task[path.name.removeprefix("samples_").rsplit("_", 1)[0]] = [json.loads(line) for line in path.read_text().splitlines()]
+    return by_task
+
+
+def test_real_server(tmp_path):
+    """llama-cpp-python's server (llama.cpp, from PyPI) serving a GGUF conversion of the toy
+    large base; ``lm_eval --model dlf`` against it equals the local run: generations token for
+    token, multiple-choice loglikelihoods to 1e-4 (top_n = the 2048-token vocabulary)."""
+    large = REPO / "models" / "toy" / "large-base"
+    gguf = tiny_models.save_gguf(large, tmp_path / "large-base.gguf")
+    local = run_lm_eval(toy_registry(tmp_path, {"path": str(large)}), tmp_path / "local")
+    with llama_server(gguf, "toy-large", tmp_path / "server.log") as url:
+        served = {"server": {"api": "openai-completions", "url": url, "model": "toy-large", "top_n": 2048, "prompt": "text"}, "tokenizer": str(large)}
+        remote = run_lm_eval(toy_registry(tmp_path, served), tmp_path / "remote")
+    assert sorted(remote) == sorted(local) == ["toy_fill", "toy_mc", "toy_qa"]
+    for task in ("toy_qa", "toy_fill"):
+        assert [s["resps"] for s in remote[task]] == [s["resps"] for s in local[task]], task
+    ours = [float(r[0][0]) for s in remote["toy_mc"] for r in s["resps"]]
+    theirs = [float(r[0][0]) for s in local["toy_mc"] for r in s["resps"]]
+    assert len(ours) == len(theirs) > 12
+    assert ours == pytest.approx(theirs, abs=1e-4)
