@@ -421,6 +421,9 @@ class FusionEngine:
                     finished[i] = True
                 if all(finished):
                     break
+                for cache in caches.values():
+                    if hasattr(cache, "finished"):  # a server's rows: stopped ones are not asked again
+                        cache.finished = finished
                 for view, stream in enumerate(streams):
                     if steps > 1:
                         stream.commit(1)

@@ -267,10 +267,12 @@ class Client:
 
 
 class RemoteCache:
-    """A server keeps no state between requests: the cache is each row's tokens so far."""
+    """A server keeps no state between requests: the cache is each row's tokens so far, and
+    which rows have stopped (set by the engine; they are not asked again)."""
 
     def __init__(self, batch: int) -> None:
         self.rows: list[list[int]] = [[] for _ in range(batch)]
+        self.finished = [False] * batch
 
 
 class RemoteModel:
@@ -311,7 +313,10 @@ class RemoteModel:
         keep = attention_mask[:, -input_ids.shape[1] :].bool().tolist()
         for row, tokens, kept in zip(cache.rows, ids, keep):
             row.extend(t for t, k in zip(tokens, kept) if k)
-        return self._dense(self.client.map(self.client.next, [(row,) for row in cache.rows])).unsqueeze(1)
+        running = [row for row, done in zip(cache.rows, cache.finished) if not done]
+        answers = iter(self.client.map(self.client.next, [(row,) for row in running]))
+        # A stopped row's distribution is never fused: uniform stands in.
+        return self._dense([Reported([], []) if done else next(answers) for done in cache.finished]).unsqueeze(1)
 
     def scored_at(self, input_ids: torch.Tensor, asked: torch.Tensor, follow: list[int]) -> torch.Tensor:
         """``[M, V]`` at the True ``asked`` positions of right-padded rows, row-major; ``follow``

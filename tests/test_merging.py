@@ -162,7 +162,7 @@ def test_merge_of_a_hub_model_or_with_a_path_is_refused(tmp_path, tiny_world):
         DLFLM(registry=doc_path, experts="ta")
     doc["models"]["ta"]["path"] = "somewhere"
     open(doc_path, "w").write(yaml.safe_dump(doc))
-    with pytest.raises(RegistryError, match=r"models.ta must have exactly one of path .* or merge"):
+    with pytest.raises(RegistryError, match=r"models.ta must have exactly one of path .* merge .* or server"):
         DLFLM(registry=doc_path, experts="ta")
 
 
