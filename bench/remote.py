@@ -4,9 +4,11 @@
 
 Backends: ``local`` (the toy large base in this process), ``openai`` (the same model behind
 tests/servers.py's stand-in OpenAI-completions server, token-id prompts, ``token_id:``
-answers) and ``llama.cpp`` (llama-cpp-python's server on a float32 GGUF conversion, text
-prompts). Fused with the qa and fill pairs, solver dlf, on the test kingdoms: toy_qa and
-toy_fill generate (until a newline), toy_mc scores four choices.
+answers), ``tgi`` (the stand-in's TGI ``/generate``: text prompts, ids, no top tokens at
+prompt positions) and ``llama.cpp`` (llama-cpp-python's server on a float32 GGUF conversion,
+text prompts). Fused with the qa and fill pairs, solver dlf, on the test kingdoms: toy_qa and
+toy_fill generate (until a newline), toy_mc scores four choices. A text-prompt backend stops
+where fused decoding chooses a split the tokenizer would not make; its row says so.
 
 Per backend and top_n: requests per generated token (the generation tasks' requests over
 their generated tokens, each answer's tokens plus its stop), wall seconds per generated
@@ -33,6 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the stand-in server and the llama.cpp
 
 from dlf_plugin import tiny_models  # noqa: E402
 from dlf_plugin.lm import DLFLM  # noqa: E402
+from dlf_plugin.remote import ServerError  # noqa: E402
 from servers import StandIn, llama_server  # noqa: E402
 
 LARGE = REPO / "models" / "toy" / "large-base"
@@ -91,13 +94,20 @@ def main() -> None:
         standin_model = local_lm.loaded[local_lm.registry.large].model
         rows = [compare("local", "-", local, local)]
         gguf = tiny_models.save_gguf(LARGE, folder / "large-base.gguf")
-        with StandIn(standin_model, "toy-large") as standin, llama_server(gguf, "toy-large", folder / "server.log") as llama_url:
-            servers = {"openai": (standin.url, "tokens"), "llama.cpp": (llama_url, "text")}
+        with StandIn(standin_model, "toy-large", tokenizer=local_lm.tokenizer) as standin, llama_server(gguf, "toy-large", folder / "server.log") as llama_url:
+            servers = {
+                "openai": (standin.url, "openai-completions", "tokens"),
+                "tgi": (standin.root, "tgi", "text"),
+                "llama.cpp": (llama_url, "openai-completions", "text"),
+            }
             for top_n in args.top_n:
-                for name, (url, prompt) in servers.items():
-                    server = {"api": "openai-completions", "url": url, "model": "toy-large", "top_n": top_n, "prompt": prompt}
+                for name, (url, api, prompt) in servers.items():
+                    server = {"api": api, "url": url, "model": "toy-large", "top_n": top_n, "prompt": prompt}
                     lm = DLFLM(registry=registry(folder, {"server": server, "tokenizer": str(LARGE)}), **options)
-                    rows.append(compare(name, top_n, evaluate(lm, args.limit, manager), local))
+                    try:
+                        rows.append(compare(name, top_n, evaluate(lm, args.limit, manager), local))
+                    except ServerError as exc:
+                        rows.append(f"{name:<10} {top_n:>6} stopped: {str(exc).split(': ', 2)[-1][:150]}")
                     print(rows[-1], flush=True)
     print(f"\n{args.limit} documents per task, batch {args.batch}, CPU; generation: {', '.join(GENERATE)}; scoring: {SCORE}")
     print(f"{'backend':<10} {'top_n':>6} {'req/token':>10} {'ms/token':>10} {'same gen':>10} {'mean |dLL|':>11} {'max |dLL|':>10} {'same pick':>10}")

@@ -293,7 +293,7 @@ def load_model(spec: ModelSpec, device: str | None, device_map: str | None, dtyp
 def connect(spec: ModelSpec, tokenizer) -> tuple[remote.Client, LoadedModel]:
     """A client for a model behind a server, which must answer and serve the model now
     (before any weights load); what the results record about it."""
-    client = remote.Client(spec.name, spec.server, tokenizer)
+    client = remote.client(spec.name, spec.server, tokenizer)
     listed = next(m for m in client.models() if m.get("id") == spec.server.model)
     record = {
         "source": spec.location,

@@ -74,7 +74,7 @@ _MODEL_KEYS = {
 }
 _MERGE_KEYS = {"base", "models"}
 _SERVER_KEYS = {"api", "url", "model", "top_n", "prompt", "timeout", "retries", "concurrency"}
-SERVER_APIS = ("openai-completions",)
+SERVER_APIS = ("openai-completions", "tgi")
 SERVER_PROMPTS = ("tokens", "text")
 # Entries that set how a model is loaded here, meaningless for a model behind a server.
 _LOAD_KEYS = ("revision", "dtype", "device", "device_map", "allow_pickle", "trust_remote_code", "check_weights")
@@ -128,9 +128,9 @@ class ServerSpec:
     """A large model behind an inference server (``dlf_plugin.remote``).
 
     Attributes:
-        api: the protocol; ``openai-completions`` (vLLM, SGLang, llama.cpp, TGI's Messages
-            API all serve ``/v1/completions`` with token logprobs).
-        url: the server's base URL, up to and including ``/v1``.
+        api: the protocol: ``openai-completions`` (``/v1/completions`` with token logprobs:
+            vLLM, SGLang, llama.cpp) or ``tgi`` (text-generation-inference's ``/generate``).
+        url: the server's base URL (for openai-completions up to and including ``/v1``).
         model: the model name the server expects in requests.
         top_n: how many top logprobs to ask for at each position.
         prompt: ``tokens`` (send token ids: vLLM, SGLang, llama.cpp's llama-server) or
@@ -460,9 +460,11 @@ def _parse_server(path: Path, key: str, spec: dict) -> ModelSpec:
     url = _string(server["url"], where, f"{at}.server.url")
     if not url.startswith(("http://", "https://")):
         raise RegistryError(f"{where}: {at}.server.url must start with http:// or https://, got {_clip(url)}")
-    prompt = server.get("prompt", "tokens")
+    prompt = server.get("prompt", "text" if api == "tgi" else "tokens")
     if prompt not in SERVER_PROMPTS:
         raise RegistryError(f"{where}: {at}.server.prompt: {_clip(prompt)} is not one of {', '.join(SERVER_PROMPTS)}")
+    if api == "tgi" and prompt != "text":
+        raise RegistryError(f"{where}: {at}.server.prompt: TGI's /generate takes text only; drop prompt or set prompt: text")
     return ModelSpec(
         name=key,
         location=url,

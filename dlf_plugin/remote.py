@@ -1,8 +1,9 @@
 """The large model behind an inference server (DESIGN.md section 9).
 
-A registry model with ``server: {api: openai-completions, url, model, top_n}`` is not loaded
-here: an OpenAI-compatible completions server (vLLM, SGLang, llama.cpp's servers) computes
-its next-token log-probabilities and returns the top ``top_n`` of them at each position. The
+A registry model with ``server: {api, url, model, top_n}`` is not loaded here: a server
+computes its next-token log-probabilities and returns the top ``top_n`` of them at each
+position, through the OpenAI completions API (``openai-completions``: vLLM, SGLang,
+llama.cpp's servers) or text-generation-inference's own (``tgi``, ``TGIClient``). The
 small models stay local and give full logits. The engine fuses on the whole vocabulary with
 the large model's distribution rebuilt from what the server reports (``dense``):
 
@@ -18,7 +19,7 @@ reported token's fused log-probability is off by at most
     log((Z_K + r max_U g) / (Z_K + r min_U g))
 
 (the fused normaliser's unknown part, sum_U p_L(v) g(v), lies between r min_U g and r max_U g,
-and the rule's guess does too). ``tail_bound`` computes it. Solvers that choose weights from
+and the rule's guess does too). Solvers that choose weights from
 the distributions (``dlf``) choose them on the rebuilt distribution; the bound holds at the
 weights chosen.
 
@@ -32,9 +33,10 @@ Token identity: a server answers with token strings. ``token_id:<n>`` strings (v
 ``--return-tokens-as-token-ids``) are exact; other strings are mapped back through the
 registry's tokenizer, and a string that several ids render to (byte pieces of split UTF-8
 characters, special tokens some servers render as "") cannot be placed: its mass joins the
-tail. With ``prompt: text`` (llama-cpp-python's server takes no token ids) the server
-tokenises the decoded text itself; dlf checks every echoed token against its own ids and
-fails on the first difference.
+tail. With ``prompt: text`` (llama-cpp-python's server and TGI take no token ids) the server
+tokenises the decoded text itself: the text must tokenise back to the ids (fused decoding can
+choose a split the tokenizer would not make; then the run stops), and dlf checks the ids the
+server echoes against its own.
 """
 
 from __future__ import annotations
@@ -115,22 +117,6 @@ def dense(reported: list[Reported], vocab_size: int, where: str) -> torch.Tensor
     return out.float()
 
 
-def tail_bound(reported: Reported, vocab_size: int, tilt: torch.Tensor) -> float:
-    """The bound above for one position: ``tilt`` is sum_k w_k (z_Ek - z_Sk), ``[V]``."""
-    p = torch.tensor(reported.logprobs, dtype=torch.float64).exp()
-    known = torch.zeros(vocab_size, dtype=torch.bool)
-    known[reported.ids] = True
-    if bool(known.all()):
-        return 0.0
-    tilt = tilt.double()
-    shift = tilt.max()
-    g = (tilt - shift).exp()  # g up to a common factor, which the ratio cancels
-    z_known = float((p * g[reported.ids]).sum())
-    rest = max(1.0 - float(p.sum()), 0.0)
-    g_max, g_min = float(g[~known].max()), float(g[~known].min())
-    return math.log((z_known + rest * g_max) / (z_known + rest * g_min))
-
-
 class Client:
     """One OpenAI-compatible completions server: requests with retries, answers checked."""
 
@@ -192,17 +178,29 @@ class Client:
             raise ServerError(f"{self.where} serves {names}, not {self.spec.model!r}; set server.model to one of them")
         return listed
 
+    def _as_text(self, tokens: list[int]) -> tuple[str, int]:
+        """The text a text-only server is sent for ``tokens``, and 1 when a leading BOS is left
+        for the server to add. The text must tokenise back to ``tokens`` (fused decoding can
+        choose a split the tokenizer would not make), else the server would read other tokens."""
+        hidden = 1 if tokens and tokens[0] == self.tokenizer.bos_token_id else 0
+        text = self.tokenizer.decode(tokens[hidden:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        back = self.tokenizer(text, add_special_tokens=False).input_ids
+        if back != tokens[hidden:]:
+            at = next((i for i, (a, b) in enumerate(zip(back, tokens[hidden:])) if a != b), min(len(back), len(tokens) - hidden))
+            raise ServerError(
+                f"{self.where}: the sequence cannot be sent as text: it tokenises back differently from token {at + hidden} "
+                f"on ({self.tokenizer.convert_ids_to_tokens(tokens[hidden + at : hidden + at + 3])} sent, "
+                f"{self.tokenizer.convert_ids_to_tokens(back[at : at + 3])} read back); use prompt: tokens with a server "
+                "that takes token ids"
+            )
+        return text, hidden
+
     # -- completions -----------------------------------------------------------------------
 
     def _complete(self, tokens: list[int], echo: bool) -> tuple[dict, int]:
         """One completion request for ``tokens``; the answer's logprobs and how many of the
         prompt's leading tokens the server does not echo (a BOS it adds itself)."""
-        hidden = 0
-        prompt: list[int] | str = tokens
-        if self.spec.prompt == "text":
-            bos = self.tokenizer.bos_token_id
-            hidden = 1 if tokens and tokens[0] == bos else 0
-            prompt = self.tokenizer.decode(tokens[hidden:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        prompt, hidden = (tokens, 0) if self.spec.prompt == "tokens" else self._as_text(tokens)
         body = {"model": self.spec.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": self.spec.top_n, "echo": echo}
         answer = self._call("completions", body)
         try:
@@ -264,6 +262,65 @@ class Client:
     def map(self, function, jobs: list) -> list:
         """``function(*job)`` for every job, ``concurrency`` at a time, in order."""
         return list(self.pool.map(lambda job: function(*job), jobs))
+
+
+class TGIClient(Client):
+    """text-generation-inference's own API: ``/info`` names the model, ``/generate`` with
+    ``details`` answers token ids. Prompts go as text (its only input); the prefill details
+    give only each prompt token's own log-probability (no top tokens at prompt positions), so
+    a scored position's support is its actual token, the rest the tail rule; a generation step
+    gets the top ``top_n`` (TGI's ``--max-top-n-tokens``, 5 by default, caps it)."""
+
+    def models(self) -> list[dict]:
+        info = self._call("info")
+        if not isinstance(info, dict) or info.get("model_id") != self.spec.model:
+            served = info.get("model_id") if isinstance(info, dict) else info
+            raise ServerError(f"{self.where} serves {[served]}, not {self.spec.model!r}; set server.model to one of them")
+        return [{"id": self.spec.model, **info}]
+
+    def _generate(self, tokens: list[int], prefill: bool) -> tuple[dict, int]:
+        text, hidden = self._as_text(tokens)
+        parameters = {"max_new_tokens": 1, "details": True, "decoder_input_details": prefill, "top_n_tokens": self.spec.top_n, "do_sample": False}
+        answer = self._call("generate", {"inputs": text, "parameters": parameters})
+        details = answer.get("details") if isinstance(answer, dict) else None
+        if not isinstance(details, dict) or not isinstance(details.get("prefill"), list) or not isinstance(details.get("tokens"), list):
+            raise ServerError(f"{self.where}: generate answered without details (prefill, tokens): {str(answer)[:300]}")
+        return details, hidden
+
+    def scored(self, tokens: list[int], first: int) -> list[Reported]:
+        details, hidden = self._generate(tokens, prefill=True)
+        prefill = details["prefill"]
+        offset = len(prefill) - (len(tokens) - hidden)  # 1 where TGI lists the BOS it added
+        if offset not in (0, 1) or [t.get("id") for t in prefill[offset:]] != tokens[hidden:]:
+            raise ServerError(
+                f"{self.where}: the server read other token ids than dlf sent ({[t.get('id') for t in prefill][:12]}... "
+                f"for {tokens[:12]}...); TGI tokenises the text itself and must use the registry's tokenizer"
+            )
+        out = []
+        for i in range(first, len(tokens)):
+            value = prefill[i - hidden + offset].get("logprob")
+            if not isinstance(value, (int, float)):
+                raise ServerError(f"{self.where}: no logprob for prompt token {i} (got {value!r})")
+            out.append(Reported([tokens[i]], [float(value)]))
+        return out
+
+    def next(self, tokens: list[int]) -> Reported:
+        details, _ = self._generate(tokens, prefill=False)
+        top = details.get("top_tokens")
+        if not details["tokens"] or not isinstance(top, list) or not top or not isinstance(top[0], list):
+            raise ServerError(f"{self.where}: generate answered no token or no top_tokens: {str(details)[:300]}")
+        found = {t.get("id"): t.get("logprob") for t in [*top[0], details["tokens"][0]] if isinstance(t, dict)}
+        if not all(isinstance(i, int) and 0 <= i for i in found):
+            raise ServerError(f"{self.where}: a token id is not a whole number: {str(top[0])[:200]}")
+        found = {i: v for i, v in found.items() if i < self.vocab_size}
+        if not all(isinstance(v, (int, float)) for v in found.values()):
+            raise ServerError(f"{self.where}: a top logprob is not a number: {str(top[0])[:200]}")
+        return Reported(list(found), [float(v) for v in found.values()])
+
+
+def client(name: str, spec: ServerSpec, tokenizer) -> Client:
+    """The client for ``spec.api``."""
+    return (TGIClient if spec.api == "tgi" else Client)(name, spec, tokenizer)
 
 
 class RemoteCache:

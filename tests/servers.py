@@ -1,8 +1,9 @@
 """Inference servers for the remote-backend tests, on 127.0.0.1 only.
 
-``StandIn``: a small in-process OpenAI-compatible completions server around a transformers
-model, answering with ``token_id:<n>`` token strings (as vLLM does with
-``--return-tokens-as-token-ids``); it can also misbehave (``mode``) for the fault tests.
+``StandIn``: a small in-process server around a transformers model: OpenAI-compatible
+completions answering with ``token_id:<n>`` token strings (as vLLM does with
+``--return-tokens-as-token-ids``), which can also misbehave (``mode``) for the fault tests,
+and TGI's ``/info`` and ``/generate`` (token ids, text prompts).
 
 ``llama_server``: llama-cpp-python's real server process serving a GGUF conversion.
 """
@@ -34,9 +35,10 @@ class StandIn:
     once without a token, as llama-cpp-python's does when its own pick ends generation).
     """
 
-    def __init__(self, model, name: str, mode: str = "ok", delay: float = 0.0, after: int = 0) -> None:
+    def __init__(self, model, name: str, mode: str = "ok", delay: float = 0.0, after: int = 0, tokenizer=None) -> None:
         assert mode in MODES
         self.model, self.name, self.mode, self.delay, self.after = model, name, mode, delay, after
+        self.tokenizer = tokenizer  # TGI's /generate reads text
         self.completions = 0
         self.lock = threading.Lock()
         stand_in = self
@@ -56,6 +58,8 @@ class StandIn:
             def do_GET(self):
                 if self.path.rstrip("/") == "/v1/models":
                     self._send(200, {"object": "list", "data": [{"id": stand_in.name, "object": "model"}]})
+                elif self.path.rstrip("/") == "/info":  # TGI's
+                    self._send(200, {"model_id": stand_in.name, "model_dtype": "torch.float32"})
                 else:
                     self._send(404, {"error": "not found"})
 
@@ -65,7 +69,8 @@ class StandIn:
                 self._send(code, payload)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.root = f"http://127.0.0.1:{self.server.server_address[1]}"  # TGI's base URL
+        self.url = f"{self.root}/v1"
 
     def __enter__(self) -> StandIn:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -75,7 +80,28 @@ class StandIn:
         self.server.shutdown()
         self.server.server_close()
 
+    def generate(self, body: dict) -> tuple[int, dict]:
+        """TGI's ``/generate`` (text in, token ids out; greedy, one new token)."""
+        parameters = body["parameters"]
+        ids = self.tokenizer(body["inputs"]).input_ids  # TGI adds the BOS itself
+        with torch.no_grad():
+            logprobs = self.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        prefill = []
+        if parameters.get("decoder_input_details"):
+            prefill = [{"id": ids[0], "text": "", "logprob": None}]
+            prefill += [{"id": t, "text": "", "logprob": float(logprobs[i - 1, t])} for i, t in enumerate(ids) if i]
+        pick = int(logprobs[-1].argmax())
+        values, top = logprobs[-1].topk(int(parameters.get("top_n_tokens") or 0))
+        details = {
+            "finish_reason": "length", "generated_tokens": 1, "prefill": prefill,
+            "tokens": [{"id": pick, "text": "", "logprob": float(logprobs[-1, pick]), "special": False}],
+            "top_tokens": [[{"id": i, "text": "", "logprob": v, "special": False} for i, v in zip(top.tolist(), values.tolist())]],
+        }
+        return 200, {"generated_text": "", "details": details}
+
     def answer(self, path: str, body: dict) -> tuple[int, dict]:
+        if path.rstrip("/") == "/generate":
+            return self.generate(body)
         if path.rstrip("/") != "/v1/completions":
             return 404, {"error": "not found"}
         with self.lock:

@@ -87,18 +87,23 @@ def toy_models():
     return {n: transformers.AutoModelForCausalLM.from_pretrained(REPO / "models" / "toy" / n, dtype=torch.float32).eval() for n in names}
 
 
-@pytest.mark.parametrize("top_n", [5, 20])
-def test_small_top_n_stays_within_the_tail_bound(tmp_path, toy_models, top_n):
+def toy_server(url: str, api: str, top_n: int) -> dict:
+    return {"server": {"api": api, "url": url, "model": "toy-large", "top_n": top_n}, "tokenizer": str(REPO / "models" / "toy" / "large-base")}
+
+
+@pytest.mark.parametrize("api,top_n", [("openai-completions", 5), ("openai-completions", 20), ("tgi", 5)])
+def test_small_top_n_stays_within_the_tail_bound(tmp_path, toy_models, api, top_n):
     """The toy world's trained models, static weights 0.7, the large model's top_n reported:
     each fused continuation loglikelihood is the tail rule's (reported log-probabilities, the
     rest of the mass spread evenly), fused here in float64 from the models themselves; it is
     within the sum over its tokens of log((Z_K + r max_U g) / (Z_K + r min_U g)) of the exact
-    one; and the truncation does change the answers."""
+    one; and the truncation does change the answers. TGI reports no top tokens at prompt
+    positions: there the reported set is the scored token alone."""
     weight = 0.7
     requests = [Instance("loglikelihood", None, pair, i) for i, pair in enumerate(TOY_REQUESTS)]
     local = DLFLM(registry=str(toy_registry(tmp_path, {"path": str(REPO / "models" / "toy" / "large-base")})), experts="qa+fill", solver="static", weight=weight)
-    with StandIn(toy_models["large-base"], "toy-large") as server:
-        served = {"server": {"api": "openai-completions", "url": server.url, "model": "toy-large", "top_n": top_n}, "tokenizer": str(REPO / "models" / "toy" / "large-base")}
+    with StandIn(toy_models["large-base"], "toy-large", tokenizer=local.tokenizer) as server:
+        served = toy_server(server.root if api == "tgi" else server.url, api, top_n)
         remote = DLFLM(registry=str(toy_registry(tmp_path, served)), experts="qa+fill", solver="static", weight=weight)
         ours = remote.loglikelihood(requests)
     theirs = local.loglikelihood(requests)
@@ -114,7 +119,8 @@ def test_small_top_n_stays_within_the_tail_bound(tmp_path, toy_models, top_n):
             target = tokens[0, position + 1]
             p = logits["large-base"][position].softmax(-1)
             reported = torch.zeros(vocab, dtype=torch.bool)
-            reported[p.topk(top_n).indices] = True
+            if api != "tgi":
+                reported[p.topk(top_n).indices] = True
             reported[target] = True  # a scored position also reports its actual token
             tilt = weight * sum(logits[e][position] - logits[s][position] for e, s in TOY_PAIRS)
             # The rule rebuilds from what a server sends: float32 log-probabilities (when the
@@ -132,6 +138,19 @@ def test_small_top_n_stays_within_the_tail_bound(tmp_path, toy_models, top_n):
     assert [lp for lp, _ in ours] == pytest.approx(by_rule, abs=1e-4)
     assert all(e <= b + 1e-5 for e, b in zip(errors, bounds)), list(zip(errors, bounds))
     assert max(errors) > 1e-4  # the top few tokens of 2048 do not give the exact answer
+
+
+def test_tgi_generation_equals_the_local_backend(tmp_path, toy_models):
+    """TGI's /generate (text in, ids out), all 2048 top tokens per step: fused greedy
+    generations token for token (toy_fill's prompts, whose fused answers tokenise back)."""
+    prompts = [Instance("generate_until", None, (context, {"until": ["\n"], "max_gen_toks": 12}), i) for i, (context, _) in enumerate(TOY_REQUESTS)]
+    local = DLFLM(registry=str(toy_registry(tmp_path, {"path": str(REPO / "models" / "toy" / "large-base")})), experts="qa+fill", solver="dlf", batch_size="2")
+    with StandIn(toy_models["large-base"], "toy-large", tokenizer=local.tokenizer) as server:
+        remote = DLFLM(registry=str(toy_registry(tmp_path, toy_server(server.root, "tgi", 2048))), experts="qa+fill", solver="dlf", batch_size="2")
+        ours = remote.generate_until(prompts)
+        assert remote.engine.models["large-base"].client.requests > len(prompts)  # it was asked every step
+    assert ours == local.generate_until(prompts)
+    assert sum(len(text) for text in ours) > 10
 
 
 def test_steps_the_server_ends_on_its_own_pick_are_read_by_echo(tmp_path, tiny_world, large):
@@ -209,7 +228,8 @@ def test_a_fault_mid_run_leaves_no_results(tmp_path, tiny_world, large):
     "edit,message",
     [
         (lambda s: s.pop("tokenizer"), r"models.large is behind a server and needs tokenizer:"),
-        (lambda s: s["server"].update(api="grpc"), r"models.large.server.api: 'grpc' is not one of openai-completions"),
+        (lambda s: s["server"].update(api="grpc"), r"models.large.server.api: 'grpc' is not one of openai-completions, tgi"),
+        (lambda s: s["server"].update(api="tgi", prompt="tokens"), r"models.large.server.prompt: TGI's /generate takes text only"),
         (lambda s: s["server"].update(url="127.0.0.1:8000"), r"models.large.server.url must start with http:// or https://"),
         (lambda s: s["server"].update(top_n=0), r"models.large.server.top_n must be a whole number >= 1"),
         (lambda s: s["server"].update(timeout=-1), r"models.large.server.timeout must be a number of seconds"),
@@ -270,13 +290,16 @@ def toy_registry(tmp_path: Path, large: dict) -> Path:
     return path
 
 
-def run_lm_eval(registry: Path, out: Path) -> dict:
-    subprocess.run(
+def run_lm_eval(registry: Path, out: Path, tasks: str, limit: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "dlf", "--model_args", f"registry={registry},experts=qa+fill,solver=dlf",
-         "--tasks", "toy_qa,toy_fill,toy_mc", "--include_path", str(REPO / "tasks" / "toy"), "--limit", "12",
+         "--tasks", tasks, "--include_path", str(REPO / "tasks" / "toy"), "--limit", str(limit),
          "--batch_size", "4", "--log_samples", "--output_path", str(out)],
-        check=True, capture_output=True, text=True, cwd=out.parent,
+        capture_output=True, text=True, cwd=out.parent,
     )
+
+
+def samples(out: Path) -> dict:
     by_task = {}
     for path in out.rglob("samples_*.jsonl"):
         by_task[path.name.removeprefix("samples_").rsplit("_", 1)[0]] = [json.loads(line) for line in path.read_text().splitlines()]
@@ -285,18 +308,30 @@ def run_lm_eval(registry: Path, out: Path) -> dict:
 
 def test_real_server(tmp_path):
     """llama-cpp-python's server (llama.cpp, from PyPI) serving a GGUF conversion of the toy
-    large base; ``lm_eval --model dlf`` against it equals the local run: generations token for
-    token, multiple-choice loglikelihoods to 1e-4 (top_n = the 2048-token vocabulary)."""
+    large base; ``lm_eval --model dlf`` against it equals the local run: toy_fill's generations
+    token for token, toy_mc's loglikelihoods to 1e-4 (top_n = the 2048-token vocabulary).
+
+    That server takes text only. toy_qa's fused answers include a split the tokenizer would
+    not make (" t" + "ol" where it reads " to" + "l"): sent as text, the server would read other
+    tokens, so the run stops there, naming the server, and writes nothing."""
     large = REPO / "models" / "toy" / "large-base"
     gguf = tiny_models.save_gguf(large, tmp_path / "large-base.gguf")
-    local = run_lm_eval(toy_registry(tmp_path, {"path": str(large)}), tmp_path / "local")
+    run = run_lm_eval(toy_registry(tmp_path, {"path": str(large)}), tmp_path / "local", "toy_fill,toy_mc", 20)
+    assert run.returncode == 0, run.stderr[-2000:]
+    local = samples(tmp_path / "local")
     with llama_server(gguf, "toy-large", tmp_path / "server.log") as url:
         served = {"server": {"api": "openai-completions", "url": url, "model": "toy-large", "top_n": 2048, "prompt": "text"}, "tokenizer": str(large)}
-        remote = run_lm_eval(toy_registry(tmp_path, served), tmp_path / "remote")
-    assert sorted(remote) == sorted(local) == ["toy_fill", "toy_mc", "toy_qa"]
-    for task in ("toy_qa", "toy_fill"):
-        assert [s["resps"] for s in remote[task]] == [s["resps"] for s in local[task]], task
+        registry = toy_registry(tmp_path, served)
+        run = run_lm_eval(registry, tmp_path / "remote", "toy_fill,toy_mc", 20)
+        assert run.returncode == 0, run.stderr[-2000:]
+        refused = run_lm_eval(registry, tmp_path / "refused", "toy_qa", 40)
+    remote = samples(tmp_path / "remote")
+    assert sorted(remote) == sorted(local) == ["toy_fill", "toy_mc"]
+    assert [s["resps"] for s in remote["toy_fill"]] == [s["resps"] for s in local["toy_fill"]]
     ours = [float(r[0][0]) for s in remote["toy_mc"] for r in s["resps"]]
     theirs = [float(r[0][0]) for s in local["toy_mc"] for r in s["resps"]]
-    assert len(ours) == len(theirs) > 12
+    assert len(ours) == len(theirs) == 80
     assert ours == pytest.approx(theirs, abs=1e-4)
+    assert refused.returncode != 0
+    assert f"server {url}: the sequence cannot be sent as text" in refused.stderr
+    assert not [p for p in (tmp_path / "refused").rglob("*") if p.is_file()]
