@@ -176,13 +176,13 @@ class DLFLM(HFLM):
         self._view_texts: dict[str, dict] = {}  # context -> view name -> text, for the call running
         self._boundary_differs = [0] * len(self.views.views)
 
-        client = None
+        client = server = None
         if served:  # asked now: a server that is down fails the run before any weights load
-            client, self.served = loading.connect(self.registry.models[self.registry.large], tokenizers[self.registry.large])
+            client, server = loading.connect(self.registry.models[self.registry.large], tokenizers[self.registry.large])
         loaded = {s.name: loading.load_model(s, *placements[s.name], dtype or s.dtype, self.registry.path) for s in specs if s.server is None}
         local = next(iter(loaded.values()), None)  # HFLM wants a model object; behind a server, the first small one stands in
-        if served:
-            loaded = {self.registry.large: self.served, **loaded}
+        if server is not None:
+            loaded = {self.registry.large: server, **loaded}
         self.loaded = loaded
         tokenizer = tokenizers[self.registry.large]
         with console.preloaded_model():

@@ -73,7 +73,7 @@ _MODEL_KEYS = {
     "note",
 }
 _MERGE_KEYS = {"base", "models"}
-_SERVER_KEYS = {"api", "url", "model", "top_n", "prompt", "timeout", "retries", "concurrency"}
+_SERVER_KEYS = {"api", "url", "model", "top_n", "prompt", "timeout", "retries", "concurrency", "api_key_env"}
 SERVER_APIS = ("openai-completions", "tgi")
 SERVER_PROMPTS = ("tokens", "text")
 # Entries that set how a model is loaded here, meaningless for a model behind a server.
@@ -139,6 +139,8 @@ class ServerSpec:
         timeout: seconds one request may take.
         retries: further tries of a request that failed to connect, timed out or got a 5xx.
         concurrency: requests in flight at once.
+        api_key_env: the environment variable holding the server's API key (sent as a bearer
+            token), or None; the key itself never goes in the registry.
     """
 
     api: str
@@ -149,6 +151,7 @@ class ServerSpec:
     timeout: float = 60.0
     retries: int = 2
     concurrency: int = 8
+    api_key_env: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,6 +489,7 @@ def _parse_server(path: Path, key: str, spec: dict) -> ModelSpec:
             timeout=_number(server.get("timeout", 60.0), where, f"{at}.server.timeout"),
             retries=_integer(server.get("retries", 2), where, f"{at}.server.retries", 0),
             concurrency=_integer(server.get("concurrency", 8), where, f"{at}.server.concurrency", 1),
+            api_key_env=_optional_string(server.get("api_key_env"), where, f"{at}.server.api_key_env"),
         ),
     )
 

@@ -43,8 +43,10 @@ from __future__ import annotations
 
 import collections
 import functools
+import http.client
 import json
 import math
+import os
 import socket
 import threading
 import time
@@ -101,7 +103,7 @@ class TokenTable:
 
 def dense(reported: list[Reported], vocab_size: int, where: str) -> torch.Tensor:
     """``[n, V]`` float32 log-probabilities: reported ids as reported, the rest the tail rule."""
-    out = torch.empty(len(reported), vocab_size, dtype=torch.float64)
+    out = torch.empty(len(reported), vocab_size, dtype=torch.float32)
     for row, (ids, logprobs) in enumerate(reported):
         values = torch.tensor(logprobs, dtype=torch.float64)
         if not bool(torch.isfinite(values).all()) or bool((values > SUM_SLACK).any()):
@@ -113,8 +115,8 @@ def dense(reported: list[Reported], vocab_size: int, where: str) -> torch.Tensor
         unreported = vocab_size - len(set(ids))
         tail = max(1.0 - mass, 0.0) / unreported if unreported else 0.0
         out[row].fill_(math.log(max(tail, TAIL_FLOOR)))
-        out[row, known] = values
-    return out.float()
+        out[row, known] = values.float()
+    return out
 
 
 class Client:
@@ -139,7 +141,13 @@ class Client:
     def _call(self, path: str, body: dict | None = None) -> dict:
         url = f"{self.spec.url}/{path}"
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.spec.api_key_env:
+            key = os.environ.get(self.spec.api_key_env)
+            if not key:
+                raise ServerError(f"{self.where}: the environment variable {self.spec.api_key_env} (server.api_key_env) is not set; export the server's API key in it")
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(url, data=data, headers=headers)
         tries = self.spec.retries + 1
         for attempt in range(tries):
             with self._count:
@@ -152,7 +160,7 @@ class Client:
                 detail = exc.read()[:300].decode(errors="replace")
                 if exc.code < 500 or attempt == tries - 1:
                     raise ServerError(f"{self.where}: {path} answered HTTP {exc.code}{' after ' + str(tries) + ' tries' if exc.code >= 500 else ''}: {detail}") from exc
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
+            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as exc:
                 if attempt == tries - 1:
                     reason = getattr(exc, "reason", exc)
                     slow = isinstance(reason, (TimeoutError, socket.timeout))

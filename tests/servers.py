@@ -35,8 +35,9 @@ class StandIn:
     once without a token, as llama-cpp-python's does when its own pick ends generation).
     """
 
-    def __init__(self, model, name: str, mode: str = "ok", delay: float = 0.0, after: int = 0, tokenizer=None) -> None:
+    def __init__(self, model, name: str, mode: str = "ok", delay: float = 0.0, after: int = 0, tokenizer=None, api_key: str | None = None) -> None:
         assert mode in MODES
+        self.api_key = api_key  # required as a bearer token when set
         self.model, self.name, self.mode, self.delay, self.after = model, name, mode, delay, after
         self.tokenizer = tokenizer  # TGI's /generate reads text
         self.completions = 0
@@ -55,7 +56,15 @@ class StandIn:
                 self.end_headers()
                 self.wfile.write(raw)
 
+            def _authorised(self) -> bool:
+                if stand_in.api_key is None or self.headers.get("Authorization") == f"Bearer {stand_in.api_key}":
+                    return True
+                self._send(401, {"error": "invalid API key"})
+                return False
+
             def do_GET(self):
+                if not self._authorised():
+                    return
                 if self.path.rstrip("/") == "/v1/models":
                     self._send(200, {"object": "list", "data": [{"id": stand_in.name, "object": "model"}]})
                 elif self.path.rstrip("/") == "/info":  # TGI's
@@ -64,6 +73,8 @@ class StandIn:
                     self._send(404, {"error": "not found"})
 
             def do_POST(self):
+                if not self._authorised():
+                    return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 code, payload = stand_in.answer(self.path, body)
                 self._send(code, payload)

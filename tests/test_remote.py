@@ -198,6 +198,20 @@ def test_the_wrong_model_name_is_named(tmp_path, tiny_world, large):
             DLFLM(registry=registry, experts="a1")
 
 
+def test_an_api_key_is_sent_from_the_environment(tmp_path, tiny_world, large, monkeypatch):
+    with StandIn(large, "tiny-large", api_key="s3cret") as stand_in:
+        registry = served_registry(tmp_path, tiny_world, stand_in.url, api_key_env="DLF_TEST_KEY")
+        monkeypatch.delenv("DLF_TEST_KEY", raising=False)
+        with pytest.raises(ServerError, match=r"environment variable DLF_TEST_KEY \(server.api_key_env\) is not set"):
+            DLFLM(registry=registry, experts="a1")
+        monkeypatch.setenv("DLF_TEST_KEY", "wrong")
+        with pytest.raises(ServerError, match=r"models answered HTTP 401: .*invalid API key"):
+            DLFLM(registry=registry, experts="a1")
+        monkeypatch.setenv("DLF_TEST_KEY", "s3cret")
+        lm = DLFLM(registry=registry, experts="a1", solver="static")
+        assert lm.loglikelihood(ll_requests()[:1])[0][0] < 0
+
+
 def test_failed_requests_are_retried(tmp_path, tiny_world, large):
     with StandIn(large, "tiny-large", mode="flaky") as stand_in:
         lm = DLFLM(registry=served_registry(tmp_path, tiny_world, stand_in.url, retries=2), experts="a1", solver="static")
