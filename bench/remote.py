@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import lm_eval
-import yaml
 from lm_eval.tasks import TaskManager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,21 +35,10 @@ sys.path.insert(0, str(REPO / "tests"))  # the stand-in server and the llama.cpp
 from dlf_plugin import tiny_models  # noqa: E402
 from dlf_plugin.lm import DLFLM  # noqa: E402
 from dlf_plugin.remote import ServerError  # noqa: E402
-from servers import StandIn, llama_server  # noqa: E402
+from servers import StandIn, llama_server, toy_registry  # noqa: E402
 
 LARGE = REPO / "models" / "toy" / "large-base"
 GENERATE, SCORE = ("toy_qa", "toy_fill"), "toy_mc"
-
-
-def registry(folder: Path, large: dict) -> str:
-    doc = yaml.safe_load((REPO / "registry" / "toy.yaml").read_text())
-    for spec in doc["models"].values():
-        if "path" in spec:
-            spec["path"] = str((REPO / "registry" / spec["path"]).resolve())
-    doc["models"][doc["large"]] = large
-    path = folder / f"registry-{len(list(folder.glob('registry-*')))}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
 
 
 def evaluate(lm: DLFLM, limit: int, manager) -> dict:
@@ -89,7 +77,7 @@ def main() -> None:
     options = dict(experts="qa+fill", solver="dlf", route="task", batch_size=str(args.batch))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        local_lm = DLFLM(registry=registry(folder, {"path": str(LARGE)}), **options)
+        local_lm = DLFLM(registry=str(toy_registry(folder, {"path": str(LARGE)})), **options)
         local = evaluate(local_lm, args.limit, manager)
         standin_model = local_lm.loaded[local_lm.registry.large].model
         rows = [compare("local", "-", local, local)]
@@ -103,7 +91,7 @@ def main() -> None:
             for top_n in args.top_n:
                 for name, (url, api, prompt) in servers.items():
                     server = {"api": api, "url": url, "model": "toy-large", "top_n": top_n, "prompt": prompt}
-                    lm = DLFLM(registry=registry(folder, {"server": server, "tokenizer": str(LARGE)}), **options)
+                    lm = DLFLM(registry=str(toy_registry(folder, {"server": server, "tokenizer": str(LARGE)})), **options)
                     try:
                         rows.append(compare(name, top_n, evaluate(lm, args.limit, manager), local))
                     except ServerError as exc:

@@ -338,9 +338,8 @@ class FusionEngine:
             view = self.view_of[name]
             keep, flat = picks[view]
             if getattr(self.models[name], "remote", False):
-                counts = positions[view].sum(1)
-                last = counts.cumsum(0) - 1  # each row's last position, in flat order
-                follow = [int(targets[i, 0]) if targets is not None and n else -1 for i, n in zip(last.tolist(), counts.tolist())]
+                last = counts[view].cumsum(0) - 1  # each row's last position, in flat order
+                follow = [int(targets[i, 0]) if targets is not None and n else -1 for i, n in zip(last.tolist(), counts[view].tolist())]
                 hidden[name] = self.models[name].scored_at(input_ids[view], positions[view], follow)
                 continue
             states = self.models[name].hidden(input_ids[view])[:, -keep:]

@@ -180,18 +180,19 @@ class DLFLM(HFLM):
         if served:  # asked now: a server that is down fails the run before any weights load
             client, server = loading.connect(self.registry.models[self.registry.large], tokenizers[self.registry.large])
         loaded = {s.name: loading.load_model(s, *placements[s.name], dtype or s.dtype, self.registry.path) for s in specs if s.server is None}
-        local = next(iter(loaded.values()), None)  # HFLM wants a model object; behind a server, the first small one stands in
+        # HFLM wants a model object; behind a server, the first small one stands in (and sets the device).
+        placed = next(iter(loaded.values())).model if server is not None else loaded[self.registry.large].model
         if server is not None:
             loaded = {self.registry.large: server, **loaded}
         self.loaded = loaded
         tokenizer = tokenizers[self.registry.large]
         with console.preloaded_model():
-            super().__init__(pretrained=loaded[self.registry.large].model or local.model, tokenizer=tokenizer, **hflm_args)
+            super().__init__(pretrained=placed, tokenizer=tokenizer, **hflm_args)
         if accelerator is not None:  # lm-eval shards the requests by rank and gathers on rank 0
             self.accelerator = accelerator
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         vocab = min([len(tokenizer)] + [loading.output_vocab_size(m.model) for m in loaded.values() if m.model is not None])
-        large_device = next((loaded[self.registry.large].model or local.model).parameters()).device
+        large_device = next(placed.parameters()).device
         backends = {name: LocalModel(name, m.model, vocab, large_device) for name, m in loaded.items() if m.model is not None}
         if client is not None:
             client.vocab_size = vocab

@@ -57,6 +57,7 @@ from typing import NamedTuple
 
 import torch
 
+from dlf_plugin.backends import TOKENIZER_UNSET
 from dlf_plugin.errors import DLFError
 from dlf_plugin.registry import ServerSpec
 
@@ -66,6 +67,8 @@ TAIL_FLOOR = 1e-30
 # Reported probabilities may sum past 1 by server rounding; beyond this the answer is wrong.
 SUM_SLACK = 1e-3
 BACKOFF_S = 0.5
+# What to do when a text-only server would read other tokens than dlf means.
+TEXT_ADVICE = "use prompt: tokens with a server that takes token ids"
 
 
 class ServerError(DLFError, RuntimeError):
@@ -198,8 +201,7 @@ class Client:
             raise ServerError(
                 f"{self.where}: the sequence cannot be sent as text: it tokenises back differently from token {at + hidden} "
                 f"on ({self.tokenizer.convert_ids_to_tokens(tokens[hidden + at : hidden + at + 3])} sent, "
-                f"{self.tokenizer.convert_ids_to_tokens(back[at : at + 3])} read back); use prompt: tokens with a server "
-                "that takes token ids"
+                f"{self.tokenizer.convert_ids_to_tokens(back[at : at + 3])} read back); {TEXT_ADVICE}"
             )
         return text, hidden
 
@@ -232,7 +234,7 @@ class Client:
             raise ServerError(
                 f"{self.where}: the server read token {key!r} (id {seen}) where dlf sent id {token} "
                 f"({self.tokenizer.convert_ids_to_tokens(token)!r}); with prompt: text the server must tokenise "
-                "as the registry's tokenizer does: use prompt: tokens with a server that takes token ids"
+                f"as the registry's tokenizer does: {TEXT_ADVICE}"
             )
         found = {}
         for name, logprob in top.items():
@@ -242,8 +244,12 @@ class Client:
         pick = token if token is not None else seen
         if pick is not None:
             found[pick] = value
+        return self._reported(found, top)
+
+    def _reported(self, found: dict, shown) -> Reported:
+        """``found`` (id -> log-probability from the answer ``shown``) once every value is a number."""
         if not all(isinstance(v, (int, float)) for v in found.values()):
-            raise ServerError(f"{self.where}: a top logprob is not a number: {str(top)[:200]}")
+            raise ServerError(f"{self.where}: a top logprob is not a number: {str(shown)[:200]}")
         return Reported(list(found), [float(v) for v in found.values()])
 
     def scored(self, tokens: list[int], first: int) -> list[Reported]:
@@ -254,7 +260,7 @@ class Client:
             raise ServerError(
                 f"{self.where}: echoed {len(logprobs['tokens'])} tokens for a prompt dlf tokenised into {echoed}"
                 f"{' (after the BOS the server adds)' if hidden else ''}; with prompt: text the server must tokenise "
-                "as the registry's tokenizer does: use prompt: tokens with a server that takes token ids"
+                f"as the registry's tokenizer does: {TEXT_ADVICE}"
             )
         return [self._entry(logprobs, i - hidden, tokens[i]) for i in range(first, len(tokens))]
 
@@ -320,10 +326,7 @@ class TGIClient(Client):
         found = {t.get("id"): t.get("logprob") for t in [*top[0], details["tokens"][0]] if isinstance(t, dict)}
         if not all(isinstance(i, int) and 0 <= i for i in found):
             raise ServerError(f"{self.where}: a token id is not a whole number: {str(top[0])[:200]}")
-        found = {i: v for i, v in found.items() if i < self.vocab_size}
-        if not all(isinstance(v, (int, float)) for v in found.values()):
-            raise ServerError(f"{self.where}: a top logprob is not a number: {str(top[0])[:200]}")
-        return Reported(list(found), [float(v) for v in found.values()])
+        return self._reported({i: v for i, v in found.items() if i < self.vocab_size}, top[0])
 
 
 def client(name: str, spec: ServerSpec, tokenizer) -> Client:
@@ -356,17 +359,15 @@ class RemoteModel:
         self.client = client
         self.vocab_size = client.vocab_size
         self.device = device
-        self.reported: list[Reported] = []  # the last call's, for bounds and benchmarks
 
     def context_length(self, tokenizer=None) -> int | None:
         limit = getattr(tokenizer, "model_max_length", None)
-        return limit if isinstance(limit, int) and 0 < limit < 10**18 else None
+        return limit if isinstance(limit, int) and 0 < limit < TOKENIZER_UNSET else None
 
     def new_cache(self, batch: int, length: int, preallocated: bool = True) -> RemoteCache:
         return RemoteCache(batch)
 
     def _dense(self, reported: list[Reported]) -> torch.Tensor:
-        self.reported = reported
         return dense(reported, self.vocab_size, self.client.where).to(self.device)
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:

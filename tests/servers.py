@@ -19,8 +19,12 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
 
 MODES = ("ok", "slow", "positive", "no-logprobs", "http-500", "flaky", "fail-later", "stops")
 
@@ -152,6 +156,19 @@ class StandIn:
             logprobs_field = None
         choice = {"index": 0, "text": "", "logprobs": logprobs_field, "finish_reason": "length"}
         return 200, {"id": f"cmpl-{count}", "object": "text_completion", "model": self.name, "choices": [choice]}
+
+
+def toy_registry(folder: Path, large: dict) -> Path:
+    """The toy registry (trained models: the served model's tokens are text a server can
+    read back) with ``large`` as its large model's entry, written into ``folder``."""
+    doc = yaml.safe_load((REPO / "registry" / "toy.yaml").read_text())
+    for spec in doc["models"].values():
+        if "path" in spec:
+            spec["path"] = str((REPO / "registry" / spec["path"]).resolve())
+    doc["models"][doc["large"]] = large
+    path = folder / f"toy-{len(list(folder.glob('toy-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
 
 
 def free_port() -> int:

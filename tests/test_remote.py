@@ -19,22 +19,18 @@ from dlf_plugin import loading, tiny_models
 from dlf_plugin.lm import DLFLM
 from dlf_plugin.registry import RegistryError
 from dlf_plugin.remote import ServerError
-from servers import StandIn, free_port, llama_server
-from test_against_reference import CONTEXTS, PROMPTS, UNTIL, gen_requests, ll_requests
+from servers import StandIn, free_port, llama_server, toy_registry
+from test_bad_input import write_registry
+from test_against_reference import CONTEXTS, gen_requests, ll_requests
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def served_registry(tmp_path, tiny_world, url: str, **server) -> str:
     """The tiny world's registry with its large model behind ``url``."""
-    doc = yaml.safe_load(tiny_world["registry"].read_text())
-    for spec in doc["models"].values():
-        spec["path"] = str(tiny_world["root"] / spec["path"])
     settings = {"api": "openai-completions", "url": url, "model": "tiny-large", "top_n": tiny_world["vocab"], **server}
-    doc["models"]["large"] = {"server": settings, "tokenizer": str(tiny_world["root"] / "large")}
-    path = tmp_path / f"served-{abs(hash(json.dumps(settings, sort_keys=True)))}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
+    served = {"server": settings, "tokenizer": str(tiny_world["root"] / "large")}
+    return write_registry(tmp_path, tiny_world, lambda doc: doc["models"].update(large=served))
 
 
 @pytest.fixture(scope="module")
@@ -288,20 +284,6 @@ def test_a_small_model_behind_a_server_is_refused(tmp_path, tiny_world):
 
 
 # -- a real server ---------------------------------------------------------------------
-
-
-def toy_registry(tmp_path: Path, large: dict) -> Path:
-    """The toy registry (trained models: the served model's tokens are text a server can
-    read back) in float32, with ``large`` as its large model's entry."""
-    doc = yaml.safe_load((REPO / "registry" / "toy.yaml").read_text())
-    for spec in doc["models"].values():
-        if "path" in spec:
-            spec["path"] = str((REPO / "registry" / spec["path"]).resolve())
-    doc["defaults"] = {"dtype": "float32", "device": "cpu"}
-    doc["models"][doc["large"]] = large
-    path = tmp_path / f"toy-{len(list(tmp_path.glob('toy-*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 def run_lm_eval(registry: Path, out: Path, tasks: str, limit: int) -> subprocess.CompletedProcess:
