@@ -2,6 +2,7 @@
 toy world's tasks through lm-eval.
 
     python bench/speculative.py [--split dev|test] [--drafts 2 3 4 6] [--batches 1 8] [--limit 100] [--long]
+                                [--device cpu|cuda]
 
 Each seen task is fused with its own pair (its expert drafts). Per batch size and k: the
 drafts accepted, large-model forward passes per generated token (prefill included, counted
@@ -9,11 +10,17 @@ by a hook on the large model's body), and wall time per generated token against 
 decoding and against the large model alone (lm-eval's HFLM), timed in turns in one process.
 Every speculative run's texts are checked against plain decoding's. The best k is chosen on
 ``--split dev``; ``--split test`` only reports (``--drafts`` then takes the chosen k).
+
+After the timed runs, one more run of each, timed call by call, says where the time goes per
+generated token: the drafting expert's forward calls, the large model's, the small base's,
+the heads, the solver with the fusion, and the rest (on CUDA each call is synchronised, so
+these runs are kept apart from the timed ones).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import statistics
 import time
@@ -57,6 +64,45 @@ class Passes:
         self.count += 1
 
 
+class Clock:
+    """Seconds spent in wrapped calls, by part; CUDA is synchronised around each call."""
+
+    def __init__(self, device: str) -> None:
+        self.seconds = collections.Counter()
+        self.cuda = device.startswith("cuda")
+
+    def wrap(self, obj, attr: str, part: str) -> None:
+        inner = getattr(obj, attr)
+
+        def timed(*a, **kw):
+            if self.cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = inner(*a, **kw)
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[part] += time.perf_counter() - start
+            return out
+
+        setattr(obj, attr, timed)
+
+
+PARTS = ("drafter", "large", "small base", "heads", "solver+fusion")
+
+
+def parts(lm, task: str, manager, limit, gen_kwargs, device: str, pair) -> collections.Counter:
+    """Seconds per part of one more run of ``task`` (``PARTS``, "rest" and "total")."""
+    engine, clock = lm.engine, Clock(device)
+    for name, model in engine.models.items():
+        clock.wrap(model, "hidden", "drafter" if name == pair.expert else "large" if name == engine.large else "small base")
+    clock.wrap(engine, "_logits", "heads")
+    clock.wrap(engine, "_fuse_rows", "solver+fusion")
+    clock.wrap(engine, "generate_speculative" if lm.speculate > 1 else "generate", "total")
+    run(lm, task, manager, limit, gen_kwargs)
+    clock.seconds["rest"] = clock.seconds["total"] - sum(clock.seconds[p] for p in PARTS)
+    return clock.seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=["dev", "test"], default="test")
@@ -65,6 +111,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100, help="questions per task")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--long", action="store_true", help="generate 32 tokens per prompt instead of the answer's line")
+    ap.add_argument("--device", default="cpu", help="where every model runs (model_args placement; hf's device)")
     args = ap.parse_args()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     torch.manual_seed(0)
@@ -72,15 +119,15 @@ def main() -> None:
     manager = TaskManager(include_path=str(REPO / "tasks" / "toy"))
     suffix = "_dev" if args.split == "dev" else ""
     tasks = {pair: spec.tasks[0] + suffix for pair, spec in registry.pairs.items()}
-    print(f"split {args.split}, {'32 tokens' if args.long else 'the answer line'} per prompt, {args.limit} questions per task, tasks {', '.join(tasks.values())}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"split {args.split}, {'32 tokens' if args.long else 'the answer line'} per prompt, {args.limit} questions per task, tasks {', '.join(tasks.values())}, torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     ok = True
     best = {}
     for batch in args.batches:
-        large = HFLM(pretrained=registry.models[registry.large].location, device="cpu", dtype="float32", batch_size=batch)
-        rows = {}
+        large = HFLM(pretrained=registry.models[registry.large].location, device=args.device, dtype="float32", batch_size=batch)
+        rows, spent = {}, {k: collections.Counter() for k in [0, *args.drafts]}
         for pair, task in tasks.items():
-            lms = {0: DLFLM(registry="toy", experts=pair, batch_size=batch)}
-            lms.update({k: DLFLM(registry="toy", experts=pair, batch_size=batch, speculate=k) for k in args.drafts})
+            lms = {0: DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device)}
+            lms.update({k: DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device, speculate=k) for k in args.drafts})
             counters = {k: Passes(lm.engine.models[registry.large].model) for k, lm in lms.items()}
             stats = {k: dict(drafted=0, accepted=0, tokens=0) for k in args.drafts}
             calls = dict.fromkeys(lms, 0)  # generate calls: one prefill pass of the large model each
@@ -107,6 +154,8 @@ def main() -> None:
                 times["large"].append(seconds)
             for k in args.drafts:
                 assert texts[k] == texts[0], f"{task}: speculate={k} differs from plain fused decoding"
+            for k, lm in lms.items():
+                spent[k].update(parts(lm, task, manager, args.limit, LONG if args.long else None, args.device, registry.pairs[pair]))
             # Tokens per run: the speculative engine counts them (the same tokens as plain).
             k0 = args.drafts[0]
             tokens = stats[k0]["tokens"] / args.repeats
@@ -135,6 +184,15 @@ def main() -> None:
             print(f"  all tasks, speculate={k}: {ratio:.3f}x plain fused, {vs_large:.3f}x large alone, {passes:.3f} large passes "
                   f"per token and sequence ({after_first:.3f} after each request's first token)")
             best.setdefault(batch, {})[k] = (passes, ratio, after_first)
+        tokens = sum(r[0] for r in rows.values())
+        print(f"  where the time goes, ms per generated token (one more run of each, timed call by call):\n"
+              f"  {'':<14}" + "".join(f"{p:>15}" for p in (*PARTS, "rest", "total")))
+        for k, seconds in spent.items():
+            print(f"  {'plain fused' if k == 0 else f'speculate={k}':<14}" + "".join(f"{seconds[p] / tokens * 1e3:15.2f}" for p in (*PARTS, "rest", "total")))
+        forwards = {k: sum(seconds[p] for p in PARTS[:3]) for k, seconds in spent.items()}
+        for k in args.drafts:
+            print(f"  speculate={k}: the models' forward calls alone take {forwards[k] / forwards[0]:.2f}x plain fused's: the time "
+                  "ratio if the heads, the solver and the rest cost nothing")
     for batch, by_k in best.items():
         k = min(by_k, key=lambda k: by_k[k][1])
         print(f"\nbatch {batch}: fastest k = {k}")

@@ -449,19 +449,25 @@ class FusionEngine:
         pad_token_id: int,
         draft: int,
         stop_check: StopCheck | None = None,
+        sampling: Sampling = Sampling(),
     ) -> torch.Tensor:
-        """Greedy fused decoding of up to ``draft`` tokens a round, the first pair's expert
-        drafting (DESIGN.md section 8); the same tokens as ``generate`` with greedy sampling.
+        """Fused decoding of up to ``draft`` tokens a round, the first pair's expert drafting
+        (DESIGN.md section 8); greedy, the same tokens as ``generate``; sampled, the same
+        distribution (the speculative-sampling rule, ``speculative_choice``).
 
         A round starts from the last emitted token x, which no model has read. The drafter
-        reads x, then its own greedy choices, k = ``draft`` times: drafts d1..d(k-1), and its
-        hidden states after x, d1, .., d(k-1). Every other model reads [x, d1, .., d(k-1)] in
-        one pass. The solver fuses those k positions per row at once, giving the fused greedy
-        g1..gk; the row keeps g1..g(j+1), j being how many drafts equal the fused choice.
-        Drafts past the first disagreement stay in the KV caches, masked out of attention
-        for good, and positions continue from the tokens kept: no cache is cut.
+        reads x, then its own choices (greedy, or sampled from its logits under ``sampling``),
+        k = ``draft`` times: drafts d1..d(k-1), and its hidden states after x, d1, ..,
+        d(k-1). Every other model reads [x, d1, .., d(k-1)] in one pass. The solver fuses
+        those k positions per row at once. Greedy: the row keeps the fused greedy g1..g(j+1),
+        j being how many drafts equal the fused choice. Sampled: d_i is kept with probability
+        min(1, p_i(d_i) / q_i(d_i)) (p fused, q the drafter's, both after ``sampling``'s
+        temperature, top-k and top-p) up to the first rejection, where a token is drawn from
+        max(0, p_i - q_i), or after all k-1 from p_k.
+        Drafts past the first rejection stay in the KV caches, masked out of attention for
+        good, and positions continue from the tokens kept: no cache is cut.
         With ``draft=1`` a round is a plain fused step. One device-to-host transfer a round:
-        the fused tokens, the accepted counts and the fault flags.
+        the kept tokens, the accepted counts and the fault flags.
 
         Returns:
             ``[B, L + n]`` as ``generate``.
@@ -481,7 +487,8 @@ class FusionEngine:
         try:
             # Prefill: every model reads its view's prompt; the fused first token is x.
             hidden = {name: self.models[name].hidden(*streams[self.view_of[name]].prefill(), caches[name])[:, -1:] for name in self.forward_order}
-            tokens, fused, flags = self._fuse_greedy(hidden, torch.ones(batch, dtype=torch.bool, device=device))  # [B, 1]
+            fused, flags = self._fuse_round(hidden, torch.ones(batch, dtype=torch.bool, device=device))
+            tokens = choose_tokens(fused.logits, sampling).unsqueeze(1)  # [B, 1]
             accepted = torch.zeros(batch, dtype=torch.long, device=device)
             while True:
                 report = torch.cat([tokens.flatten(), accepted, flags]).tolist()
@@ -507,24 +514,36 @@ class FusionEngine:
                 x = tokens.gather(1, accepted.clamp_max(step - 1).unsqueeze(1))  # [B, 1]
                 running = torch.tensor([not f for f in finished], device=device)
                 # Draft: the drafter reads x, d1, .., d(k-1). Its hidden state after d(k-1) is
-                # fused at the last position; no dk is drawn: g1..gk are kept whether it agreed or not.
-                feed, drafted, drafter_hidden = x, [x], []
+                # fused at the last position; no dk is drawn: the k-th fused token is kept
+                # whether it would have agreed or not.
+                feed, drafted, drafter_hidden, proposals = x, [x], [], []
                 own = streams[self.view_of[drafter]]
                 for i in range(draft):
                     h = self.models[drafter].hidden(feed, *own.take(1, offset=i), caches[drafter])[:, -1:]
                     drafter_hidden.append(h)
                     if i < draft - 1:
-                        feed = self.models[drafter].logits(h[:, 0]).argmax(-1, keepdim=True)
+                        logits = self.models[drafter].logits(h[:, 0])
+                        if sampling.do_sample:
+                            proposals.append(sampling_scores(logits, sampling).softmax(-1))
+                            feed = torch.multinomial(proposals[-1], 1)
+                        else:
+                            feed = logits.argmax(-1, keepdim=True)
                         drafted.append(feed)
                 fed = torch.cat(drafted, dim=1)  # [B, k]: x, d1..d(k-1)
                 reads = [stream.take(draft) for stream in streams]
                 hidden = {name: self.models[name].hidden(fed, *reads[self.view_of[name]], caches[name]) for name in self.forward_order if name != drafter}
                 hidden[drafter] = torch.cat(drafter_hidden, dim=1)
-                tokens, fused, flags = self._fuse_greedy(hidden, running.repeat_interleave(draft))  # [B, k]: g1..gk
+                fused, flags = self._fuse_round(hidden, running.repeat_interleave(draft))
                 self.speculation["rounds"] += 1
                 self.speculation["drafted"] += (draft - 1) * finished.count(False)
-                # j: leading drafts equal to the fused choice; the row keeps g1..g(j+1) (j < k).
-                accepted = (fed[:, 1:] == tokens[:, :-1]).long().cumprod(1).sum(1)
+                # The row keeps tokens[:, :j+1], j (accepted) < k being how many drafts it kept.
+                if sampling.do_sample:
+                    target = sampling_scores(fused.logits, sampling).softmax(-1).view(batch, draft, -1)
+                    proposal = torch.stack(proposals, dim=1) if proposals else target[:, :0]
+                    tokens, accepted = speculative_choice(fed[:, 1:], proposal, target)
+                else:
+                    tokens = fused.logits.argmax(-1).view(batch, draft)  # g1..gk
+                    accepted = (fed[:, 1:] == tokens[:, :-1]).long().cumprod(1).sum(1)
                 # Fed tokens past the first disagreement are masked out for good.
                 for stream in streams:
                     stream.commit(draft, kept=(accepted + 1).clamp_max(draft))
@@ -537,14 +556,13 @@ class FusionEngine:
             out[r, prompt_len : prompt_len + len(row)] = torch.tensor(row, dtype=torch.long)
         return out.to(device)
 
-    def _fuse_greedy(self, hidden: dict[str, torch.Tensor], row_mask: torch.Tensor) -> tuple[torch.Tensor, Fused, torch.Tensor]:
-        """The fused greedy tokens ``[B, k]`` from every model's hidden states ``[B, k, H]``,
-        the fused result, and the fault flags (per model, then the solver's count) for the
-        round's one transfer."""
+    def _fuse_round(self, hidden: dict[str, torch.Tensor], row_mask: torch.Tensor) -> tuple[Fused, torch.Tensor]:
+        """The fused result of every model's hidden states ``[B, k, H]`` (``B k`` rows, row-major)
+        and the fault flags (per model, then the solver's count) for the round's one transfer."""
         batch, k = next(iter(hidden.values())).shape[:2]
         logits, faults = self._logits({name: h.reshape(batch * k, -1) for name, h in hidden.items()})
         fused, bad = self._fuse_rows(logits, row_mask)
-        return fused.logits.argmax(-1).view(batch, k), fused, torch.cat([faults.long(), bad.view(1)])
+        return fused, torch.cat([faults.long(), bad.view(1)])
 
 def _stopping(rows: list[int], generated: list[list[int]], eos_token_id: int, max_new_tokens: int, stop_check: StopCheck | None) -> set[int]:
     """The ``rows`` that stop at the token just appended to ``generated``: at EOS, at
@@ -560,6 +578,41 @@ def choose_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """Greedy argmax, or a sample after temperature, top-k and top-p; ``[N, V] -> [N]``."""
     if not sampling.do_sample:
         return logits.argmax(-1)
+    return torch.multinomial(sampling_scores(logits, sampling).softmax(-1), 1).squeeze(1)
+
+
+def speculative_choice(drafts: torch.Tensor, proposal: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative-sampling rule (Leviathan et al., 2023; Chen et al., 2023): tokens
+    distributed exactly as sampling ``target`` position by position, whatever ``proposal``
+    the drafts were drawn from.
+
+    Args:
+        drafts: ``[B, m]`` tokens drawn from ``proposal``.
+        proposal: ``[B, m, V]`` the distributions the drafts were drawn from (q).
+        target: ``[B, m + 1, V]`` the fused distributions (p) at every drafted position
+            and the one after the last draft.
+
+    Returns:
+        ``([B, m + 1] tokens, [B] j)``: the row keeps its first j + 1 tokens, the drafts
+        d1..dj (each kept with probability min(1, p(d) / q(d)) while none was refused) and a
+        token drawn from max(0, p - q) at the first refused draft, or from p after the last.
+    """
+    batch, m = drafts.shape
+    p_draft = target[:, :m].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
+    q_draft = proposal.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # > 0: the drafts were drawn from it
+    kept = torch.rand(p_draft.shape, device=drafts.device, dtype=p_draft.dtype) * q_draft < p_draft
+    accepted = kept.long().cumprod(1).sum(1)
+    residual = (target[:, :m] - proposal).clamp_min_(0)
+    # No mass left only where p = q up to rounding, where a draft is refused only by rounding.
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target[:, :m])
+    last = torch.cat([residual, target[:, m:]], dim=1)[torch.arange(batch, device=drafts.device), accepted]  # [B, V]
+    fix = torch.multinomial(last, 1)
+    tokens = torch.cat([drafts, fix], dim=1).scatter_(1, accepted.unsqueeze(1), fix)
+    return tokens, accepted
+
+
+def sampling_scores(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Logits after temperature, top-k and top-p, -inf where a token is dropped; ``[N, V]``."""
     scores = logits / sampling.temperature
     if sampling.top_k > 0:
         kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
@@ -571,4 +624,4 @@ def choose_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         drop_sorted = (cumulative - sorted_scores.softmax(-1)) >= sampling.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
-    return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+    return scores

@@ -75,10 +75,11 @@ class DLFLM(HFLM):
             the whole prompt).
         fusion_memory: MiB that scoring spends on fused positions at once (default 1024);
             positions are fused in chunks that fit, whatever the batch and its length.
-        speculate: greedy generation makes up to this many tokens a round: the first chosen
-            pair's expert drafts one fewer, every model reads them in one pass, and the fused
-            tokens are kept up to the first draft the fusion disagrees with (the same tokens,
-            fewer large-model passes; DESIGN.md section 8); 0 (default) or 1 decode plainly.
+        speculate: generation makes up to this many tokens a round: the first chosen pair's
+            expert drafts one fewer, every model reads them in one pass, and the fused tokens
+            are kept up to the first draft the fusion refuses (greedy: the same tokens; sampled:
+            the same distribution, by the speculative-sampling rule; fewer large-model passes;
+            DESIGN.md section 8); 0 (default) or 1 decode plainly.
         shots: who reads the few-shot demonstrations of ``--num_fewshot``: ``all`` (default)
             or ``large`` (the large model only; the pairs read the zero-shot prompt). With
             ``large``, or a pair whose registry entry says ``chat_template: true`` (its expert
@@ -616,12 +617,7 @@ class DLFLM(HFLM):
         try:
             if self.speculate <= 1:
                 return self.engine.generate(context, attention_mask, sampling=sampling, **common)
-            if sampling.do_sample:
-                raise arguments.RequestError(
-                    "model_args speculate: sampling (do_sample=true in gen_kwargs) is refused; speculative decoding "
-                    "keeps fused greedy tokens only (the speculative-sampling rule is not implemented): drop speculate"
-                )
-            return self.engine.generate_speculative(context, attention_mask, draft=self.speculate, **common)
+            return self.engine.generate_speculative(context, attention_mask, draft=self.speculate, sampling=sampling, **common)
         finally:
             self.engine.observer = None
 

@@ -1,17 +1,21 @@
 """Speculative fused decoding (``speculate=k``): the same tokens as plain fused greedy
-decoding, with fewer large-model passes where the drafting expert agrees with the fusion."""
+decoding, or sampled the same distribution, with fewer large-model passes where the drafting
+expert agrees with the fusion."""
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 from lm_eval.api.instance import Instance
 
 import reference
-from dlf_plugin.arguments import RequestError
+from dlf_plugin.engine import Sampling, speculative_choice
 from dlf_plugin.lm import DLFLM
 from dlf_plugin.registry import RegistryError
 
@@ -98,34 +102,84 @@ def test_masked_drafts_equal_recomputing_every_prefix(tiny_world, tiny_models_lo
         assert got == expected, (prompt, got, expected)
 
 
-def test_sampling_and_bad_speculate_values_are_refused(tiny_world):
-    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1", speculate=3)
-    sampled = [Instance("generate_until", None, ("Lorem", {"until": [], "max_gen_toks": 3, "do_sample": True, "temperature": 0.8}), 0)]
-    with pytest.raises(RequestError, match="speculate: sampling .* is refused"):
-        lm.generate_until(sampled)
+def _tv(counts: dict, exact: dict, total: int) -> float:
+    """Total variation between empirical ``counts`` (of ``total`` draws) and ``exact``."""
+    return 0.5 * sum(abs(counts.get(k, 0) / total - exact.get(k, 0.0)) for k in set(counts) | set(exact))
+
+
+def test_speculative_choice_draws_from_the_target_whatever_the_proposal():
+    """The rule alone, 200,000 rows, two drafts from proposals unlike the targets (mass where
+    the target has none and none where it has some): the first token follows p1, the
+    second p2 where the first draft was kept, the third p3 where both were."""
+    torch.manual_seed(0)
+    n, v = 200_000, 6
+    target = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.1, 0.0], [0.05, 0.05, 0.3, 0.3, 0.3, 0.0], [0.0, 0.0, 0.0, 0.2, 0.3, 0.5]])
+    proposal = torch.tensor([[0.1, 0.1, 0.5, 0.1, 0.1, 0.1], [0.6, 0.1, 0.1, 0.1, 0.0, 0.1]])
+    drafts = torch.stack([torch.multinomial(q, n, replacement=True) for q in proposal], dim=1)
+    tokens, accepted = speculative_choice(drafts, proposal.expand(n, -1, -1), target.expand(n, -1, -1))
+
+    def tv(sample, p):
+        return _tv(dict(enumerate((torch.bincount(sample, minlength=v) / len(sample)).tolist())), dict(enumerate(p.tolist())), 1)
+
+    assert tv(tokens[:, 0], target[0]) < 0.01
+    assert tv(tokens[accepted >= 1, 1], target[1]) < 0.01
+    assert tv(tokens[accepted >= 2, 2], target[2]) < 0.01
+    kept = torch.arange(2) < accepted.unsqueeze(1)
+    assert (tokens[:, :2] == drafts)[kept].all()
+    assert {0, 1, 2} == set(accepted.unique().tolist())
+    # One position and no draft (k = 1): a plain draw from p.
+    alone, none = speculative_choice(drafts[:, :0], proposal[:0].expand(n, 0, v), target[:1].expand(n, -1, -1))
+    assert alone.shape == (n, 1) and not none.any() and tv(alone[:, 0], target[0]) < 0.01
+
+
+def test_sampled_speculation_draws_the_fused_distribution():
+    """Toy world (pair qa, static weights), one prompt 4,000 times, temperature 1 and top-k 3,
+    k = 3: the first three tokens' joint frequencies match the exact fused distribution
+    computed in float64 from scratch for each prefix (27 sequences). Keeping every draft
+    (0.17) or drawing a refused draft's replacement from p instead of max(0, p - q) (0.06)
+    fails the bound; sampling noise is about 0.02."""
+    torch.manual_seed(0)
+    lm = DLFLM(registry="toy", experts="qa", solver="static", batch_size=1)
+    names = ("large-base", "small-base", "expert-qa")
+    models = {n: transformers.AutoModelForCausalLM.from_pretrained(REPO / "models" / "toy" / n).eval() for n in names}
+    prompt = lm.tok_encode(PROMPTS["toy_qa"].format("Voustunia"))
+    draws = 4000
+    ids = torch.tensor([prompt] * draws)
+    sampling = Sampling(do_sample=True, temperature=1.0, top_k=3)
+    out = lm.engine.generate_speculative(ids, torch.ones_like(ids), 3, -1, 0, draft=3, sampling=sampling)
+    assert 0 < lm.engine.speculation["accepted"] < lm.engine.speculation["drafted"]
+    counts = collections.Counter(tuple(row) for row in out[:, len(prompt) :].tolist())
+
+    def top3(tokens):
+        z = reference.fused_logits(models, "large-base", [("expert-qa", "small-base", 1.0)], tokens, lm.engine.vocab_size)
+        top = z.topk(3)
+        return dict(zip(top.indices.tolist(), torch.softmax(top.values, 0).tolist()))
+
+    exact = {}
+    for a, pa in top3(prompt).items():
+        for b, pb in top3(prompt + [a]).items():
+            for c, pc in top3(prompt + [a, b]).items():
+                exact[(a, b, c)] = pa * pb * pc
+    assert _tv(counts, exact, draws) < 0.035
+
+
+def test_sampled_speculation_through_lm_eval_traces_drafts(tmp_path):
+    """do_sample with speculate through generate_until (dlf solver): texts come back and the
+    trace marks tokens that were drafts the fusion kept."""
+    torch.manual_seed(0)
+    trace = tmp_path / "trace.jsonl"
+    lm = DLFLM(registry="toy", experts="fill", batch_size=4, speculate=3, trace=str(trace))
+    requests = toy_requests(2, until=(), max_gen_toks=8)
+    for request in requests:
+        request.arguments[1].update(do_sample=True, temperature=0.7)
+    texts = lm.generate_until(requests)
+    assert len(texts) == len(requests) and all(texts)
+    drafted = [token.get("drafted") for line in trace.read_text().splitlines() for token in [json.loads(line)]]
+    assert True in drafted and False in drafted
+
+
+def test_bad_speculate_values_are_refused(tiny_world):
     with pytest.raises(RegistryError, match="speculate needs at least one expert pair"):
         DLFLM(registry=str(tiny_world["registry"]), experts="", speculate=2)
     with pytest.raises(RegistryError, match="speculate"):
         DLFLM(registry=str(tiny_world["registry"]), experts="a1", speculate="two")
-
-
-def test_trace_marks_each_token_drafted_or_not_and_matches_plain_traces(tmp_path):
-    """The trace of a speculative run has the plain run's lines (request, position, token,
-    weights), plus ``drafted``: true for accepted drafts, false for fused tokens at a
-    disagreement and for each generation's first token (from the prefill)."""
-    from dlf_plugin import trace
-
-    runs = {}
-    for k in (0, 3):
-        path = tmp_path / f"k{k}.jsonl"
-        lm = DLFLM(registry="toy", experts="qa", solver="dlf", batch_size=8, speculate=k, trace=str(path))
-        lm.generate_until(toy_requests(2))
-        runs[k] = [r for r in trace.read(path) if r["kind"] == "generate"]
-    key = lambda r: (r["request"], r["position"])  # noqa: E731
-    plain, fast = sorted(runs[0], key=key), sorted(runs[3], key=key)
-    assert [key(r) + (r["token"],) for r in fast] == [key(r) + (r["token"],) for r in plain]
-    for a, b in zip(fast, plain):
-        assert a["weights"] == pytest.approx(b["weights"], abs=1e-5)
-    assert all("drafted" not in r for r in plain)
-    assert not any(r["drafted"] for r in fast if r["position"] == 0)
-    assert 0 < sum(r["drafted"] for r in fast) < len(fast)
