@@ -166,16 +166,18 @@ def test_sampled_speculation_draws_the_fused_distribution():
 def test_sampled_speculation_through_lm_eval_traces_drafts(tmp_path):
     """do_sample with speculate through generate_until (dlf solver): texts come back and the
     trace marks tokens that were drafts the fusion kept."""
+    from dlf_plugin import trace
+
     torch.manual_seed(0)
-    trace = tmp_path / "trace.jsonl"
-    lm = DLFLM(registry="toy", experts="fill", batch_size=4, speculate=3, trace=str(trace))
+    path = tmp_path / "trace.jsonl"
+    lm = DLFLM(registry="toy", experts="fill", batch_size=4, speculate=3, trace=str(path))
     requests = toy_requests(2, until=(), max_gen_toks=8)
     for request in requests:
         request.arguments[1].update(do_sample=True, temperature=0.7)
     texts = lm.generate_until(requests)
     assert len(texts) == len(requests) and all(texts)
-    drafted = [token.get("drafted") for line in trace.read_text().splitlines() for token in [json.loads(line)]]
-    assert True in drafted and False in drafted
+    drafted = [r["drafted"] for r in trace.read(path) if r["kind"] == "generate"]
+    assert len(drafted) == 8 * len(requests) and True in drafted and False in drafted
 
 
 def test_bad_speculate_values_are_refused(tiny_world):
@@ -183,3 +185,25 @@ def test_bad_speculate_values_are_refused(tiny_world):
         DLFLM(registry=str(tiny_world["registry"]), experts="", speculate=2)
     with pytest.raises(RegistryError, match="speculate"):
         DLFLM(registry=str(tiny_world["registry"]), experts="a1", speculate="two")
+
+
+def test_trace_marks_each_token_drafted_or_not_and_matches_plain_traces(tmp_path):
+    """The trace of a speculative run has the plain run's lines (request, position, token,
+    weights), plus ``drafted``: true for accepted drafts, false for fused tokens at a
+    disagreement and for each generation's first token (from the prefill)."""
+    from dlf_plugin import trace
+
+    runs = {}
+    for k in (0, 3):
+        path = tmp_path / f"k{k}.jsonl"
+        lm = DLFLM(registry="toy", experts="qa", solver="dlf", batch_size=8, speculate=k, trace=str(path))
+        lm.generate_until(toy_requests(2))
+        runs[k] = [r for r in trace.read(path) if r["kind"] == "generate"]
+    key = lambda r: (r["request"], r["position"])  # noqa: E731
+    plain, fast = sorted(runs[0], key=key), sorted(runs[3], key=key)
+    assert [key(r) + (r["token"],) for r in fast] == [key(r) + (r["token"],) for r in plain]
+    for a, b in zip(fast, plain):
+        assert a["weights"] == pytest.approx(b["weights"], abs=1e-5)
+    assert all("drafted" not in r for r in plain)
+    assert not any(r["drafted"] for r in fast if r["position"] == 0)
+    assert 0 < sum(r["drafted"] for r in fast) < len(fast)
