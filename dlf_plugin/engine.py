@@ -524,7 +524,7 @@ class FusionEngine:
                     if i < draft - 1:
                         logits = self.models[drafter].logits(h[:, 0])
                         if sampling.do_sample:
-                            proposals.append(sampling_scores(logits, sampling).softmax(-1))
+                            proposals.append(sampling_probabilities(logits, sampling))
                             feed = torch.multinomial(proposals[-1], 1)
                         else:
                             feed = logits.argmax(-1, keepdim=True)
@@ -538,7 +538,7 @@ class FusionEngine:
                 self.speculation["drafted"] += (draft - 1) * finished.count(False)
                 # The row keeps tokens[:, :j+1], j (accepted) < k being how many drafts it kept.
                 if sampling.do_sample:
-                    target = sampling_scores(fused.logits, sampling).softmax(-1).view(batch, draft, -1)
+                    target = sampling_probabilities(fused.logits, sampling).view(batch, draft, -1)
                     proposal = torch.stack(proposals, dim=1) if proposals else target[:, :0]
                     tokens, accepted = speculative_choice(fed[:, 1:], proposal, target)
                 else:
@@ -578,7 +578,7 @@ def choose_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """Greedy argmax, or a sample after temperature, top-k and top-p; ``[N, V] -> [N]``."""
     if not sampling.do_sample:
         return logits.argmax(-1)
-    return torch.multinomial(sampling_scores(logits, sampling).softmax(-1), 1).squeeze(1)
+    return torch.multinomial(sampling_probabilities(logits, sampling), 1).squeeze(1)
 
 
 def speculative_choice(drafts: torch.Tensor, proposal: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -602,17 +602,24 @@ def speculative_choice(drafts: torch.Tensor, proposal: torch.Tensor, target: tor
     q_draft = proposal.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # > 0: the drafts were drawn from it
     kept = torch.rand(p_draft.shape, device=drafts.device, dtype=p_draft.dtype) * q_draft < p_draft
     accepted = kept.long().cumprod(1).sum(1)
-    residual = (target[:, :m] - proposal).clamp_min_(0)
-    # No mass left only where p = q up to rounding, where a draft is refused only by rounding.
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target[:, :m])
-    last = torch.cat([residual, target[:, m:]], dim=1)[torch.arange(batch, device=drafts.device), accepted]  # [B, V]
+    # Each row's last token: from p where it kept every draft, else from max(0, p - q) at the
+    # draft it refused (p itself where no mass is left: p = q up to rounding, and the draft
+    # was refused only by rounding).
+    rows = torch.arange(batch, device=drafts.device)
+    p_last = target[rows, accepted]  # [B, V]
+    last = p_last
+    if m:
+        residual = (p_last - proposal[rows, accepted.clamp_max(m - 1)]).clamp_min_(0)
+        refused = (accepted < m).unsqueeze(1) & (residual.sum(-1, keepdim=True) > 0)
+        last = torch.where(refused, residual, p_last)
     fix = torch.multinomial(last, 1)
     tokens = torch.cat([drafts, fix], dim=1).scatter_(1, accepted.unsqueeze(1), fix)
     return tokens, accepted
 
 
-def sampling_scores(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Logits after temperature, top-k and top-p, -inf where a token is dropped; ``[N, V]``."""
+def sampling_probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution sampling draws from: softmax after temperature, top-k and top-p (0
+    where a token is dropped); ``[N, V]``."""
     scores = logits / sampling.temperature
     if sampling.top_k > 0:
         kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
@@ -624,4 +631,4 @@ def sampling_scores(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         drop_sorted = (cumulative - sorted_scores.softmax(-1)) >= sampling.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
-    return scores
+    return scores.softmax(-1)
