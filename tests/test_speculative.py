@@ -46,23 +46,26 @@ def example_solver():
     return AgreementSolver
 
 
-@pytest.mark.parametrize("solver", ["static", "dlf-grid", "dlf", "plugin"])
+@pytest.mark.parametrize("solver", ["static", "dlf-grid", "dlf", "dlf fixed", "dlf-joint", "plugin"])
 def test_same_tokens_as_plain_fused_greedy_with_ragged_batches_and_stop_strings(solver, monkeypatch):
     """Toy world, pairs qa + fill (qa's expert drafts), 16 prompts in batches of 8 with each
     row's own stop strings: the text equals plain decoding's for k = 2 and 4, with drafts
-    both accepted and rejected."""
+    both accepted and rejected. ``dlf fixed``: the schedule accelerators take by default."""
+    options = {}
+    if solver == "dlf fixed":
+        solver, options = "dlf", {"schedule": "fixed"}
     if solver == "plugin":
         from dlf_plugin import hooks
 
         monkeypatch.setattr(hooks, "get_solvers", lambda: {"agreement": (example_solver(), "example")})
         solver = "agreement"
-    plain = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8)
+    plain = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8, **options)
     # Stop strings that cut rows at different places: "\n", and a letter some answers hold.
     requests = toy_requests(4, until=("\n", "e"))
     expected = plain.generate_until(requests)
     assert len({len(text) for text in expected}) > 2
     for k in (2, 4):
-        fast = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8, speculate=k)
+        fast = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8, speculate=k, **options)
         totals = {"accepted": 0, "drafted": 0}
         generate = fast.engine.generate_speculative
 

@@ -61,7 +61,10 @@ class Solver(abc.ABC):
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
         """Return the weights ``[N, P]`` for ``inputs`` (shapes in the module docstring).
 
-        Must not modify ``inputs``. Should not synchronise with the device (no ``.item()``,
+        A row's weights must depend on that row alone: dlf solves rows in whatever batches
+        suit it (the batch size, scoring's chunks, a speculative round's positions), and
+        speculative greedy decoding equals plain decoding only if they do not move with the
+        batch. Must not modify ``inputs``. Should not synchronise with the device (no ``.item()``,
         ``.tolist()``, ``bool(tensor)`` or data-dependent shapes): a decoding step makes one
         device-to-host transfer and a solver that makes more stalls it
         (``dlf_plugin.syncs.count_syncs`` counts them).

@@ -306,7 +306,9 @@ class ExactSolver(_WorkspaceSolver):
         the evaluated ones cannot rule out (lowest bound first) and polish, near the best
         grid point, the directions where one did better. Adaptive: until nothing moves and
         no point is open. Fixed: ``max_iter`` Halley rounds, ``CERTIFY_ROUNDS`` rounds of a
-        fixed number of points and directions, no device sync.
+        fixed number of points and directions per row, no device sync. Either way a row's
+        answer does not depend on the other rows solved with it (the batch size, a
+        speculative round's extra positions, finished rows still in the batch).
         """
         adaptive = self.adaptive(problem.base.device)
         search = _Search(problem, self.alpha_min, self.alpha_max, self.tol, adaptive)
@@ -315,8 +317,8 @@ class ExactSolver(_WorkspaceSolver):
         search.halley(self._start(problem, search.tf, search.tg), search.lo, search.hi, rounds)
         grid = self._grid(search.lo)
         radius = 0.1  # the paper grid's spacing: a better grid point's basin lies within it
-        points = max(1, math.ceil(CERTIFY_POINTS * n * p))
-        directions = max(1, math.ceil(POLISH_DIRECTIONS * n * p))
+        points = max(1, math.ceil(CERTIFY_POINTS * p))
+        directions = max(1, math.ceil(POLISH_DIRECTIONS * p))
         for _ in itertools.count() if adaptive else range(CERTIFY_ROUNDS):
             gain = search.certify(grid, points)
             if gain is None:  # adaptive: every grid point ruled out
@@ -334,17 +336,20 @@ class ExactSolver(_WorkspaceSolver):
 
 # Schedules. Adaptive: at most this many Halley rounds per direction, grid points certified
 # per direction and round. Fixed: Halley rounds; certification rounds, with the grid points
-# evaluated and the directions polished per round as fractions of the rows x pairs
-# directions; Halley rounds per polish. Chosen on peaked logits (peaked_fusion_inputs,
-# seeds 200-205, V = 8,000): 3 Halley rounds reach the adaptive loss to 1e-8; with these
-# certification budgets 2 of 342 rows stay uncertified (one of them 3.7e-5 above the
-# adaptive loss; certified rows within 1e-7 of it), about 5.7 passes per direction
-# against the grid's 20.
+# evaluated and the directions polished per row and round as multiples of the pairs
+# (rounded up); Halley rounds per polish. Chosen on peaked logits (peaked_fusion_inputs,
+# 57 rows, seeds 200-205, V = 8,000): 3 Halley rounds reach the adaptive loss to 1e-8;
+# with these budgets 3 / 0 / 2 of 342 rows stay uncertified at 1 / 2 / 4 pairs (certified
+# ones within 3.2e-7 of the adaptive loss), at 9.0 / 8.0 / 7.5 passes per direction against
+# the grid's 20; on seeds 300-305, 1 / 4 / 1. One grid point per direction and row, the
+# same total as the budget once shared over the batch, left 21 / 32 / 27 of 342 rows
+# uncertified (seeds 300-305), as a batch of one row did before: a shared budget made
+# weights depend on the other rows, and a row alone had little to spend.
 ADAPTIVE_ROUNDS = 30
 ADAPTIVE_POINTS = 4  # grid points certified per direction and round
 FIXED_ROUNDS = 3
 CERTIFY_ROUNDS = 2
-CERTIFY_POINTS = 1.0
+CERTIFY_POINTS = 2.0
 POLISH_DIRECTIONS = 0.125
 POLISH_ROUNDS = 1
 SCHEDULES = ("auto", "adaptive", "fixed")
@@ -565,9 +570,9 @@ class _Search:
         returns how much each direction's best loss fell, ``[N, P]``, or None (adaptive
         schedule) when no point is open.
 
-        Adaptive: up to ``ADAPTIVE_POINTS`` per direction. Fixed: the ``budget`` lowest over
-        all directions; where fewer are open, the rest of the pass evaluates closed ones,
-        which only adds information.
+        Adaptive: up to ``ADAPTIVE_POINTS`` per direction. Fixed: the ``budget`` lowest of
+        each row (over its directions); where fewer are open, the rest of the pass evaluates
+        closed ones, which only adds information.
         """
         n, p = self.lo.shape
         bound, open_ = self._bounds(grid)
@@ -578,14 +583,12 @@ class _Search:
             pick = (torch.arange(n * p, device=column.device).view(n, p, 1) * j + column)[ranked < float("inf")]
             if len(pick) == 0:
                 return None
-            budget = len(pick)
         else:
-            budget = min(budget, n * p * j)
-            pick = scores.view(-1).topk(budget, largest=False).indices
+            pick = _per_row(scores.view(n, p * j), budget, largest=False)
         direction, column = pick // j, pick % j
         t = grid[column]
         f, g, dg = self.problem.values_at(direction // p, direction % p, t)
-        self.passes += budget / n
+        self.passes += len(pick) / n
         before = self.best_loss
         self._record(*self._scatter(pick, t, f, g, dg, per_direction=j))
         return before - self.best_loss
@@ -593,16 +596,23 @@ class _Search:
     def polish(self, gain, budget: int, radius: float, rounds: int) -> None:
         """Halley within ``radius`` of the best point for the directions whose best fell in
         ``certify`` (a better basin found on the grid): all of them (adaptive), or the
-        ``budget`` that fell the most (fixed)."""
+        ``budget`` of each row that fell the most (fixed)."""
         n, p = self.lo.shape
         if self.adaptive:
             pick = (gain > 0).view(-1).nonzero().flatten()
             if len(pick) == 0:
                 return
         else:
-            pick = gain.view(-1).topk(min(budget, n * p)).indices
+            pick = _per_row(gain, budget, largest=True)
         t = self.best_t
         self.halley(t, (t - radius).clamp_min(self.low), (t + radius).clamp_max(self.high), rounds, pick)
+
+
+def _per_row(scores: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
+    """Flat indices into ``scores [N, C]`` of each row's ``count`` largest (or smallest)."""
+    n, c = scores.shape
+    column = scores.topk(min(count, c), dim=-1, largest=largest).indices
+    return column.add_(torch.arange(n, device=column.device).unsqueeze(1) * c).flatten()
 
 
 class JointSolver(_WorkspaceSolver):
