@@ -352,6 +352,27 @@ def test_results_record_and_warn_about_uncertified_positions(tiny_world, monkeyp
     assert "schedule=adaptive certifies every position" in caplog.text
 
 
+@pytest.mark.parametrize("solver", ["dlf", "dlf-joint"])
+def test_uncertified_positions_count_only_rows_still_generating(tiny_world, monkeypatch, solver):
+    """Rows that stopped stay in their batch, fused but thrown away: they are not counted.
+    Rows get the same weights in any batch, so a batch of 4 whose rows stop at different
+    steps reports what the same requests report one at a time."""
+    import dlf_plugin.solvers.dlf as dlf_solvers
+
+    monkeypatch.setattr(dlf_solvers, "CERTIFY_ROUNDS", 0)
+    prompts = ["The river", "Lorem ipsum", "Question: What", "The", "Answer", "Tesh"]
+    requests = lambda: [Instance("generate_until", None, (text, {"until": ["e", "a"], "max_gen_toks": 12}), i) for i, text in enumerate(prompts)]  # noqa: E731
+    counts, texts = {}, {}
+    for size in ("4", "1"):
+        lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver=solver, schedule="fixed", batch_size=size)
+        texts[size] = lm.generate_until(requests())
+        counts[size] = lm.get_model_info()["dlf"]["solver"]["uncertified_positions"]
+    assert texts["4"] == texts["1"]
+    assert len({len(lm.tok_encode(text)) for text in texts["1"]}) > 2  # rows stop at different steps
+    assert counts["1"] > 0
+    assert counts["4"] == counts["1"]
+
+
 def test_no_solver_buffer_outlives_its_call_in_any_routed_engine(tiny_world):
     lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+a2+b", route="task", solver="dlf", batch_size="4")
     requests = ll(CONTEXTS)

@@ -66,6 +66,7 @@ class _Problem:
         workspace = workspace or Workspace()
         self.workspace = workspace
         self.base = inputs.base_logits  # [N, V]
+        self.row_mask = inputs.row_mask  # [N] rows whose weights matter
         small, expert = inputs.small_logits, inputs.expert_logits  # [N, P, V]
         self.shape = tuple(expert.shape)
         d = logit_deltas(small, expert, out=workspace.get("deltas", expert.shape, expert))
@@ -225,7 +226,7 @@ class ExactSolver(_WorkspaceSolver):
     number of rounds of fixed shapes and never syncs (a GPU step can be queued ahead,
     captured or compiled); where its Halley rounds converge and its certification rounds
     rule every grid point out, the same guarantees hold. ``uncertified_rows`` marks, on
-    the device, the rows where they did not (``uncertified`` counts them over calls). ``auto`` (default): adaptive on a CPU,
+    the device, the rows where they did not (``uncertified`` counts them over calls, in ``row_mask``). ``auto`` (default): adaptive on a CPU,
     where reading a value back costs nothing, fixed elsewhere.
 
     Options: alpha_min (default 0), alpha_max (default 2.0), tol (default 1e-7),
@@ -326,10 +327,11 @@ class ExactSolver(_WorkspaceSolver):
             search.polish(gain, directions, radius, rounds if adaptive else POLISH_ROUNDS)
         if not adaptive:
             # Rows where a direction still moved after its last round, or a grid point might
-            # still beat the answer: kept on the device, read by whoever asks.
+            # still beat the answer: kept on the device, read by whoever asks; counted where
+            # the weights matter (not rows that stopped generating).
             doubtful = search.moving.view(n, p) | search.open_points(grid).any(-1)
             self.uncertified_rows = doubtful.any(-1)
-            self.uncertified = self.uncertified + self.uncertified_rows.sum()
+            self.uncertified = self.uncertified + (self.uncertified_rows & problem.row_mask).sum()
         self.passes += search.passes
         return search.best_t, search.best_loss
 
