@@ -226,8 +226,9 @@ class ExactSolver(_WorkspaceSolver):
     number of rounds of fixed shapes and never syncs (a GPU step can be queued ahead,
     captured or compiled); where its Halley rounds converge and its certification rounds
     rule every grid point out, the same guarantees hold. ``uncertified_rows`` marks, on
-    the device, the rows where they did not (``uncertified`` counts them over calls, in ``row_mask``). ``auto`` (default): adaptive on a CPU,
-    where reading a value back costs nothing, fixed elsewhere.
+    the device, the rows where they did not (``uncertified`` counts those in ``row_mask``
+    over calls). ``auto`` (default): adaptive on a CPU, where reading a value back costs
+    nothing, fixed elsewhere.
 
     Options: alpha_min (default 0), alpha_max (default 2.0), tol (default 1e-7),
     max_iter (Halley rounds; default 30 adaptive, 3 fixed), schedule (default auto).
