@@ -2,6 +2,7 @@
 the toy world's tasks through lm-eval.
 
     python bench/speculative_dtype.py [--split dev|test] [--limit 25] [--drafts 2 3 4] [--dtype bfloat16]
+                                      [--device cpu|cuda]
 
 In float32 speculative greedy decoding gives plain decoding's tokens (tests/test_speculative.py).
 In a 16-bit dtype a k-token pass over the KV cache rounds differently from k one-token steps,
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=25, help="questions per task")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="where every model runs (model_args placement)")
     args = ap.parse_args()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     registry = load_registry("toy")
@@ -52,10 +54,10 @@ def main() -> None:
         runs = {"float32": dict(dtype="float32"), args.dtype: dict(dtype=args.dtype), "batch 1": dict(dtype=args.dtype, batch_size=1)}
         runs.update({f"{args.dtype} speculate={k}": dict(dtype=args.dtype, speculate=k) for k in args.drafts})
         for name, options in runs.items():
-            lm = DLFLM(registry="toy", experts=pair, **{"batch_size": args.batch, **options})
+            lm = DLFLM(registry="toy", experts=pair, placement=args.device, **{"batch_size": args.batch, **options})
             texts.setdefault(name, []).extend(run(lm, task, manager, args.limit, LONG)[0])
     total = len(texts["float32"])
-    print(f"split {args.split}, {total} texts of 32 tokens ({args.limit} per task), batch {args.batch}: texts that differ")
+    print(f"split {args.split}, {total} texts of 32 tokens ({args.limit} per task), batch {args.batch}, device {args.device}: texts that differ")
     ones = sum(a != b for a, b in zip(texts.pop("batch 1"), texts[args.dtype]))
     print(f"  plain {args.dtype} at batch 1 against batch {args.batch}: {ones} differ")
     for name, got in texts.items():
