@@ -81,6 +81,17 @@ def test_same_tokens_as_plain_fused_greedy_with_ragged_batches_and_stop_strings(
         assert 0 < totals["accepted"] < totals["drafted"]
 
 
+def test_same_tokens_as_plain_when_each_request_is_routed_to_its_own_pair():
+    """experts=all with route=prompt: requests of four tasks go to different pairs (engines),
+    each drafting with its own first pair's expert; the texts equal plain decoding's."""
+    requests = lambda: toy_requests(3, until=("\n", "e"), max_gen_toks=16)  # noqa: E731
+    plain = DLFLM(registry="toy", experts="all", route="prompt", batch_size=8)
+    fast = DLFLM(registry="toy", experts="all", route="prompt", batch_size=8, speculate=3)
+    assert fast.generate_until(requests()) == plain.generate_until(requests())
+    routed = [names for names in fast._engines if len(names) == 1]  # the engine of all four pairs is built up front
+    assert len(routed) == 4
+
+
 def test_k_one_is_plain_decoding_one_large_pass_per_token(tiny_world):
     plain = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="dlf", batch_size=4)
     one = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="dlf", batch_size=4, speculate=1)
