@@ -8,7 +8,7 @@ Each seen task is fused with its own pair (its expert drafts). Per batch size an
 drafts accepted, large-model forward passes per generated token (prefill included, counted
 by a hook on the large model's body), and wall time per generated token against plain fused
 decoding and against the large model alone (lm-eval's HFLM), timed in turns in one process.
-Every speculative run's texts are checked against plain decoding's. The best k is chosen on
+Every greedy speculative run's texts are compared with plain decoding's (a target counts those unlike). The best k is chosen on
 ``--split dev``; ``--split test`` only reports (``--drafts`` then takes the chosen k).
 ``--temperature T`` (with ``--long``) samples instead: texts differ from plain decoding's and
 are not compared (tests/test_speculative.py checks the distribution); times per token still
@@ -129,6 +129,7 @@ def main() -> None:
     print(f"split {args.split}, {'32 tokens' if args.long else 'the answer line'} per prompt{f', sampled at temperature {args.temperature}' if args.temperature else ''}, {args.limit} questions per task, tasks {', '.join(tasks.values())}, torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     ok = True
     best = {}
+    differing = collections.Counter()  # greedy speculative texts unlike plain decoding's, per batch size
     for batch in args.batches:
         large = HFLM(pretrained=registry.models[registry.large].location, device=args.device, dtype="float32", batch_size=batch)
         rows, spent = {}, {k: collections.Counter() for k in [0, *args.drafts]}
@@ -159,8 +160,9 @@ def main() -> None:
                     times[k].append(seconds)
                 _, seconds = run(large, task, manager, args.limit, gen_kwargs)
                 times["large"].append(seconds)
-            for k in args.drafts:
-                assert args.temperature or texts[k] == texts[0], f"{task}: speculate={k} differs from plain fused decoding"
+            if not args.temperature:  # greedy: the same texts as plain decoding (reported, not asserted: a run goes on)
+                for k in args.drafts:
+                    differing[batch] += sum(a != b for a, b in zip(texts[k], texts[0]))
             for k, lm in lms.items():
                 spent[k].update(parts(lm, task, manager, args.limit, gen_kwargs, args.device, registry.pairs[pair]))
             # Tokens per run: the speculative engine counts them (the same tokens as plain).
@@ -201,6 +203,9 @@ def main() -> None:
             print(f"  speculate={k}: the models' forward calls alone take {forwards[k] / forwards[0]:.2f}x plain fused's: the time "
                   "ratio if the heads, the solver and the rest cost nothing")
     sampled = f"_sampled_t{args.temperature:g}" if args.temperature else ""  # the issue's targets are greedy's
+    if not args.temperature:
+        for batch in args.batches:
+            ok &= target(f"speculative_texts_unlike_plain_batch{batch}", differing[batch], 0)
     for batch, by_k in best.items():
         k = min(by_k, key=lambda k: by_k[k][1])
         print(f"\nbatch {batch}: fastest k = {k}")
