@@ -327,6 +327,20 @@ def test_a_decoding_step_makes_one_device_transfer(tiny_world, solver, options):
     assert dict(syncs.calls) == {"tolist": steps}
 
 
+@pytest.mark.parametrize("solver,options", [("static", {}), ("dlf", {"schedule": "fixed"})])
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(do_sample=True, temperature=0.8, top_k=5)])
+def test_a_speculative_round_makes_one_device_transfer(tiny_world, solver, options, sampling):
+    """Drafting, the k-position pass, the fusion and the acceptance rule (greedy or sampled)
+    stay on the device: one transfer a round, plus the prefill's."""
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver=solver, batch_size="4", **options)
+    context, mask = lm.tok_batch_encode([c for c, _ in CONTEXTS])
+    with count_syncs() as syncs:
+        out = lm.engine.generate_speculative(context, mask, 9, eos_token_id=-1, pad_token_id=0, draft=3, sampling=sampling)
+    assert out.shape[1] == context.shape[1] + 9
+    assert lm.engine.speculation["rounds"] >= 3
+    assert dict(syncs.calls) == {"tolist": lm.engine.speculation["rounds"] + 1}
+
+
 def test_half_precision_heads_give_float32_logits_not_rounded_ones(tiny_world):
     lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1", solver="static", dtype="bfloat16")
     backend = lm.engine.models["large"]
