@@ -8,8 +8,9 @@ Each seen task is fused with its own pair (its expert drafts). Per batch size an
 drafts accepted, large-model forward passes per generated token (prefill included, counted
 by a hook on the large model's body), and wall time per generated token against plain fused
 decoding and against the large model alone (lm-eval's HFLM), timed in turns in one process.
-Every greedy speculative run's texts are compared with plain decoding's (a target counts those unlike). The best k is chosen on
-``--split dev``; ``--split test`` only reports (``--drafts`` then takes the chosen k).
+Every greedy speculative run's texts are compared with plain decoding's (a target counts those
+unlike). The best k is chosen on ``--split dev``; ``--split test`` only reports (``--drafts``
+then takes the chosen k).
 ``--temperature T`` (with ``--long``) samples instead: texts differ from plain decoding's and
 are not compared (tests/test_speculative.py checks the distribution); times per token still
 divide by the speculative runs' token count, 32 per prompt unless a row draws EOS.

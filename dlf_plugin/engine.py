@@ -453,8 +453,8 @@ class FusionEngine:
     ) -> torch.Tensor:
         """Fused decoding of up to ``draft`` tokens a round, the first pair's expert drafting
         (DESIGN.md section 8); greedy, the same tokens as ``generate`` (in float32: a k-token
-        pass rounds otherwise than k steps); sampled, the same
-        distribution (the speculative-sampling rule, ``speculative_choice``).
+        pass rounds otherwise than k steps); sampled, the same distribution (the
+        speculative-sampling rule, ``speculative_choice``).
 
         A round starts from the last emitted token x, which no model has read. The drafter
         reads x, then its own choices (greedy, or sampled from its logits under ``sampling``),

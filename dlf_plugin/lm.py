@@ -78,9 +78,9 @@ class DLFLM(HFLM):
         speculate: generation makes up to this many tokens a round: the first chosen pair's
             expert drafts one fewer, every model reads them in one pass, and the fused tokens
             are kept up to the first draft the fusion refuses (greedy: the same tokens, up to a
-            16-bit dtype's rounding (README); sampled:
-            the same distribution, by the speculative-sampling rule; fewer large-model passes;
-            DESIGN.md section 8); 0 (default) or 1 decode plainly.
+            16-bit dtype's rounding (README); sampled: the same distribution, by the
+            speculative-sampling rule; fewer large-model passes; DESIGN.md section 8); 0
+            (default) or 1 decode plainly.
         shots: who reads the few-shot demonstrations of ``--num_fewshot``: ``all`` (default)
             or ``large`` (the large model only; the pairs read the zero-shot prompt). With
             ``large``, or a pair whose registry entry says ``chat_template: true`` (its expert
