@@ -7,6 +7,7 @@ applies them with :mod:`dlf_plugin.fusion`. It knows nothing of lm-eval.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ import torch
 
 from dlf_plugin.backends import LocalModel, ModelFault
 from dlf_plugin.fusion import FusionInputs, dlf_loss
-from dlf_plugin.solvers.base import Solver, checked_solve, explain_bad_weights
+from dlf_plugin.solvers.base import DeclaredMemory, Solver, checked_solve, explain_bad_weights
 
 def _untracked(method):
     """No autograd, and no inference mode even inside a caller's ``torch.inference_mode()``:
@@ -238,6 +239,17 @@ class FusionEngine:
     def release(self) -> None:
         """Free the solver's buffers (kept between the steps of one call, not between calls)."""
         self.solver.release()
+
+    @contextlib.contextmanager
+    def declared_solver_memory(self):
+        """Within the block the solver is ``DeclaredMemory``'s stand-in: batch size auto's
+        trials hold the memory it declares, on any tokens, and count nothing in its name."""
+        solver = self.solver
+        self.solver = DeclaredMemory(solver)
+        try:
+            yield
+        finally:
+            self.solver = solver
 
     # -- teacher-forced scoring -----------------------------------------------------------
 

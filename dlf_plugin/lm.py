@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lm_eval.models.huggingface import HFLM
+from lm_eval.models.huggingface import HFLM, normalize_gen_kwargs
 from lm_eval.models.utils import Collator
 from lm_eval.models.utils_hf import clear_torch_cache
 from lm_eval.utils import simple_parse_args_string
@@ -336,7 +336,31 @@ class DLFLM(HFLM):
         arguments.check_generation_requests(requests)
         self._check_prompt_format()
         self._take_views(requests)
-        return self._routed(requests, lambda group: super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm))
+
+        def run(group):
+            if self.batch_size == "auto":
+                self._widest_generation = self._widest(group)  # what the trial must fit
+            return super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm)
+
+        return self._routed(requests, run)
+
+    def _widest(self, requests) -> tuple[int, int, Sampling]:
+        """What a generation of ``requests`` needs most of, for batch_size auto's trial: the
+        row whose KV caches can grow longest (its context tokens as lm-eval cuts them, and its
+        max_gen_toks) and the costliest way any of them samples."""
+        rows, sampled, top_k, top_p = [], False, 0, 1.0
+        for request in requests:
+            context, kwargs = request.args
+            kwargs = normalize_gen_kwargs(kwargs, self.max_gen_toks)
+            new = kwargs["max_gen_toks"]
+            # Each prompt view is cut to max_length - new; a view may be longer than lm-eval's.
+            context = min(len(self.tok_encode(context)), self.max_length - new) if self.views.plain else self.max_length - new
+            rows.append((context, new))
+            sampling = _sampling(kwargs, warned=set(kwargs))  # unknown kwargs are warned about in the run
+            sampled |= sampling.do_sample
+            top_k, top_p = max(top_k, sampling.top_k), min(top_p, sampling.top_p)
+        context, new = max(rows, key=lambda row: row[0] + row[1] * max(self.speculate, 1))
+        return context, new, Sampling(do_sample=sampled, top_k=top_k if sampled else 0, top_p=top_p if sampled else 1.0)
 
     # -- route=task: each task's own pairs ------------------------------------------------
 
@@ -413,25 +437,33 @@ class DLFLM(HFLM):
         raise NotImplementedError("dlf scores through its fusion engine, never through the large model alone")
 
     def _detect_batch_size(self, requests=None, pos: int = 0) -> int:
-        """``--batch_size auto``: the largest batch whose real work fits, found by trying it.
+        """``--batch_size auto``: the largest batch whose real work fits, found by trying it
+        (accelerate's ``find_executable_batch_size``, as lm-eval's own detection: smaller
+        batches after each out-of-memory error).
 
         Scoring tries the longest request's shape with its continuation fused (chunked, as
-        every batch is); generation tries a prefill of ``max_length`` tokens and its first
-        fused step. Halves on out-of-memory, as lm-eval's own detection does.
+        every batch is). Generation (lm-eval asks with no requests) decodes, from prompts as
+        wide as the widest request's, until every model's KV cache is as long as that
+        request's can grow, and runs a fused step on top (a speculative round of k
+        positions): a generation's memory is mostly its caches, which scoring never keeps.
         """
         if requests:
             _, context, continuation = requests[pos]
             width = len((context + continuation)[-(self.max_length + 1) :][:-1])
             fused = min(len(continuation), width)
+
+            def trial(batch_size: int) -> None:
+                ids = torch.full((batch_size, width), self.prefix_token_id, dtype=torch.long)
+                positions = torch.zeros((batch_size, width), dtype=torch.bool)
+                positions[:, width - fused :] = True
+                self.engine.score(ids, positions, torch.zeros(batch_size * fused, 1, dtype=torch.long))
         else:
-            width, fused = self.max_length, 1
+            trial = self._generation_trial
 
         @find_executable_batch_size(starting_batch_size=self.max_batch_size)
         def attempt(batch_size: int) -> int:
-            ids = torch.full((batch_size, width), self.prefix_token_id, dtype=torch.long)
-            positions = torch.zeros((batch_size, width), dtype=torch.bool)
-            positions[:, width - fused :] = True
-            self.engine.score(ids, positions, torch.zeros(batch_size * fused, 1, dtype=torch.long))
+            with self.engine.declared_solver_memory():
+                trial(batch_size)
             return batch_size
 
         try:
@@ -442,6 +474,27 @@ class DLFLM(HFLM):
             batch_size = 1
         clear_torch_cache()
         return batch_size
+
+    def _generation_trial(self, batch_size: int) -> None:
+        """Decoding from prompts whose caches end as long as the widest request's can grow:
+        its context and max_gen_toks new tokens, times k with ``speculate=k`` (a round takes
+        k cache slots per row and at worst keeps one). Two steps or two rounds, so that the
+        previous one's fused logits are held while the next one's are made, as in a run.
+        Left padding keeps positions within max_length."""
+        context, new, sampling = getattr(self, "_widest_generation", None) or (self.max_length - self.max_gen_toks, self.max_gen_toks, Sampling())
+        k = max(self.speculate, 1)
+        steps = 2 if k == 1 else k + 2  # a round keeps at most k tokens: k + 2 tokens take two rounds
+        read = 1 if k == 1 else 2 * k  # tokens read after the prompt (a plain cache holds one more)
+        prompt = max(1, context + new * k - read - (k == 1))
+        shown = max(1, min(prompt, context + new - read))  # prompt tokens not padding
+        ids = torch.full((batch_size, prompt), self.prefix_token_id, dtype=torch.long)
+        mask = torch.ones_like(ids)
+        mask[:, : prompt - shown] = 0
+        common = dict(max_new_tokens=steps, eos_token_id=-1, pad_token_id=self.prefix_token_id, sampling=sampling)
+        if k == 1:
+            self.engine.generate(ids, mask, **common)
+        else:
+            self.engine.generate_speculative(ids, mask, draft=k, **common)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """Score (context, continuation) token pairs, fusing at continuation positions only."""

@@ -15,10 +15,11 @@ from lm_eval.api.instance import Instance
 
 import reference
 from dlf_plugin import tiny_models
+from dlf_plugin.allocations import AllocationMeter, measure_allocations
 from dlf_plugin.backends import ModelFault
 from dlf_plugin.engine import Sampling
 from dlf_plugin.lm import DLFLM
-from dlf_plugin.solvers.base import make_solver
+from dlf_plugin.solvers.base import DeclaredMemory, make_solver
 from dlf_plugin.syncs import count_syncs
 from dlf_plugin.tiny_models import peaked_fusion_inputs
 
@@ -127,7 +128,6 @@ def test_scoring_working_set_stays_within_fusion_memory(solver, options):
     The built-in solvers use at least 85% of it (declaring far more ``working_rows`` than
     they need would make chunks needlessly small); a plugin's default declaration is
     generous (here 63%)."""
-    from dlf_plugin.allocations import measure_allocations
     from dlf_plugin.backends import LocalModel
     from dlf_plugin.engine import FusionEngine, Pair
 
@@ -179,6 +179,75 @@ def test_auto_batch_size_equals_batch_size_one(tiny_world):
     assert tried[0] == (16, len(context) + len(continuation) - 1, 16 * len(continuation))
     prompts = [Instance("generate_until", None, (c, {"until": ["\n"], "max_gen_toks": 6}), i) for i, (c, _) in enumerate(CONTEXTS)]
     assert auto.generate_until(prompts) == one.generate_until(prompts)
+
+
+class Device(AllocationMeter):
+    """A device with ``free`` bytes: an allocation past them raises the out-of-memory error a
+    GPU raises, which batch size auto shrinks the batch on."""
+
+    def __init__(self, free: int) -> None:
+        super().__init__()
+        self.free = free
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.now > self.free:
+            raise torch.OutOfMemoryError(f"simulated device out of memory. ({self.now} bytes of {self.free})")
+        return out
+
+
+@pytest.mark.parametrize("speculate, sampled", [(0, False), (3, False), (3, True)])
+def test_auto_batch_size_for_generation_fits_the_generation(tiny_world, speculate, sampled):
+    """A generation's memory is mostly its KV caches, which a scoring trial never keeps (that
+    trial chose batch 8 here, and the run ran out of memory); with speculate=k they can grow
+    to k slots per generated token. On a device with room for batch 4 but not 8, batch size
+    auto must choose a batch that runs, and not one below 4. (dlf-grid: a solver that holds
+    what it declares, whatever its inputs; the trial stands in for the solver by that.)"""
+    gen = {"until": [], "max_gen_toks": 12, **({"do_sample": True, "temperature": 1.0, "top_p": 0.9} if sampled else {})}
+    requests = [Instance("generate_until", None, (LONG[i:], gen), i) for i in range(8)]  # cut to max_length - 12 tokens
+
+    def lm(batch_size):
+        return DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="dlf-grid", batch_size=batch_size,
+                     max_batch_size=8, max_length=48, speculate=speculate)
+
+    peaks = {}
+    for batch in (1, 4, 8):
+        with measure_allocations() as meter:
+            texts = lm(str(batch)).generate_until(requests)
+        peaks[batch] = meter.peak
+        if batch == 1:
+            alone = texts
+    assert peaks[4] < peaks[8]
+    auto, chosen = lm("auto"), []
+    detect = auto._detect_batch_size
+    auto._detect_batch_size = lambda *a, **k: chosen.append(detect(*a, **k)) or chosen[-1]
+    with Device((peaks[4] + peaks[8]) // 2):
+        texts = auto.generate_until(requests)
+    assert 4 <= chosen[0] < 8
+    if not sampled:
+        assert texts == alone
+
+
+def test_batch_size_trials_hold_what_the_solver_declares_and_never_call_it(tiny_world):
+    """The trials fuse made-up tokens, on which dlf's solver iterates less than on real ones:
+    they hold instead the memory the solver declares for its peak, and leave its counts
+    (uncertified positions) to the run."""
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="dlf", schedule="fixed", batch_size="auto",
+               max_batch_size=4, speculate=2)
+    solver, calls, held = lm.engine.solver, [], []
+    solve = solver.solve
+    solver.solve = lambda inputs: calls.append(inputs) or solve(inputs)
+    stand_in = DeclaredMemory.solve
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DeclaredMemory, "solve", lambda self, inputs: held.append(inputs.expert_logits.shape) or stand_in(self, inputs))
+        assert lm._detect_batch_size() == 4
+        assert lm._detect_batch_size([(None, *lm._encode_pair(c, x)) for c, x in CONTEXTS], 0) == 4
+    assert not calls and (8, 2, tiny_world["vocab"]) in held  # a speculative round: 4 rows of 2 positions
+    inputs = peaked_fusion_inputs(6, 2, 320, seed=0)
+    with measure_allocations() as meter:
+        weights = DeclaredMemory(solver).solve(inputs)
+    assert meter.peak >= solver.working_rows(2) * 6 * 320 * 4
+    assert weights.shape == (6, 2) and bool(((weights >= solver.bounds[0]) & (weights <= solver.bounds[1])).all())
 
 
 # -- precision ------------------------------------------------------------------------------

@@ -82,6 +82,27 @@ class Solver(abc.ABC):
         this when the run ends); the default keeps none."""
 
 
+class DeclaredMemory(Solver):
+    """Stands in for ``solver`` in batch size auto's trials: holds, while it solves, the
+    memory ``solver`` declares for its peak (``working_rows``), and returns weights of 1
+    clipped to its bounds. A trial then reaches the solver's worst case whatever tokens it
+    fuses (dlf's own solvers iterate longer on some logits than on others), and leaves the
+    solver's counts (uncertified positions) to the real run."""
+
+    def __init__(self, solver: Solver) -> None:
+        super().__init__(solver.pair_names)
+        self.solver, self.bounds, self.name = solver, solver.bounds, solver.name
+
+    def working_rows(self, num_pairs: int) -> int:
+        return self.solver.working_rows(num_pairs)
+
+    def solve(self, inputs: FusionInputs) -> torch.Tensor:
+        rows, pairs, vocab = inputs.expert_logits.shape
+        held = torch.empty(self.working_rows(pairs), rows, vocab, dtype=torch.float32, device=inputs.base_logits.device)
+        weight = min(max(1.0, self.bounds[0]), self.bounds[1])
+        return held.new_full((rows, pairs), weight)
+
+
 def number_option(solver: str, option: str, value: Any, low: float = -math.inf, high: float = math.inf) -> float:
     """Parse a numeric solver option, raising SolverOptionError that names it."""
     try:
