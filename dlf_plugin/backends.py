@@ -119,8 +119,10 @@ class LocalModel:
             return cache
         return transformers.DynamicCache()
 
-    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
-        """Last hidden states ``[B, T, H]`` (``[B, T, V]`` logits for an ``own`` head)."""
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, last: int | None = None) -> torch.Tensor:
+        """Last hidden states ``[B, T, H]`` (``[B, T, V]`` logits for an ``own`` head); with
+        ``last``, of the last ``last`` positions only, in memory of their own (a prefill's
+        other states are freed as it returns)."""
         kwargs = {"use_cache": cache is not None}
         if attention_mask is not None:
             bias = self._attention_bias(attention_mask.to(self.model_device), input_ids.shape[1])
@@ -137,9 +139,13 @@ class LocalModel:
         ids = input_ids.to(self.model_device)
         if self.own_head:
             if self._keeps:
-                kwargs["logits_to_keep"] = 0
-            return self.model(ids, **kwargs).logits[..., : self.vocab_size]
-        return self.body(ids, **kwargs).last_hidden_state
+                kwargs["logits_to_keep"] = last or 0
+            states = self.model(ids, **kwargs).logits[..., : self.vocab_size]
+        else:
+            states = self.body(ids, **kwargs).last_hidden_state
+        if last is not None and last < states.shape[1]:
+            states = states[:, -last:].clone()
+        return states
 
     def _attention_bias(self, mask: torch.Tensor, queries: int) -> torch.Tensor:
         """The 4D additive mask ``[B, 1, queries, keys]`` for a 2D padding mask ``[B, keys]``

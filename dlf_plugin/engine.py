@@ -410,7 +410,7 @@ class FusionEngine:
                 hidden = {}
                 for name in self.forward_order:
                     ids, mask, positions = reads[self.view_of[name]]
-                    hidden[name] = self.models[name].hidden(ids, mask, positions, caches[name])[:, -1]
+                    hidden[name] = self.models[name].hidden(ids, mask, positions, caches[name], last=1)[:, -1]
                 logits, model_faults = self._logits(hidden)
                 fused, bad = self._fuse_rows(logits, ~done)
                 next_ids = choose_tokens(fused.logits, sampling)
@@ -426,6 +426,7 @@ class FusionEngine:
                     generated[i].append(host_ids[i])
                 if self.observer is not None:
                     self.observer(fused, running, running, [host_ids[i] for i in running], [len(generated[i]) - 1 for i in running], None)
+                logits = fused = None  # this step's logits go before the next step's are made
                 stopped = _stopping(running, generated, eos_token_id, max_new_tokens, stop_check)
                 if stopped:
                     done |= torch.tensor([i in stopped for i in range(batch)], device=self.device)
@@ -499,7 +500,7 @@ class FusionEngine:
         self.speculation = dict(rounds=0, drafted=0, accepted=0, tokens=0)
         try:
             # Prefill: every model reads its view's prompt; the fused first token is x.
-            hidden = {name: self.models[name].hidden(*streams[self.view_of[name]].prefill(), caches[name])[:, -1:] for name in self.forward_order}
+            hidden = {name: self.models[name].hidden(*streams[self.view_of[name]].prefill(), caches[name], last=1) for name in self.forward_order}
             fused, flags = self._fuse_round(hidden, torch.ones(batch, dtype=torch.bool, device=device))
             tokens = choose_tokens(fused.logits, sampling).unsqueeze(1)  # [B, 1]
             accepted = torch.zeros(batch, dtype=torch.long, device=device)
@@ -521,6 +522,7 @@ class FusionEngine:
                         finished[r] = True
                 if self.observer is not None and emitted:
                     self.observer(fused, *map(list, zip(*sorted(emitted))))
+                fused = None  # this round's logits go before the next round's are made
                 if all(finished):
                     break
                 # x: each row's last kept token (on the device, no sync).
@@ -549,14 +551,7 @@ class FusionEngine:
                 fused, flags = self._fuse_round(hidden, running.repeat_interleave(draft))
                 self.speculation["rounds"] += 1
                 self.speculation["drafted"] += (draft - 1) * finished.count(False)
-                # The row keeps tokens[:, :j+1], j (accepted) < k being how many drafts it kept.
-                if sampling.do_sample:
-                    target = sampling_probabilities(fused.logits, sampling).view(batch, draft, -1)
-                    proposal = torch.stack(proposals, dim=1) if proposals else target[:, :0]
-                    tokens, accepted = speculative_choice(fed[:, 1:], proposal, target)
-                else:
-                    tokens = fused.logits.argmax(-1).view(batch, draft)  # g1..gk
-                    accepted = (fed[:, 1:] == tokens[:, :-1]).long().cumprod(1).sum(1)
+                tokens, accepted = _kept(fused.logits.view(batch, draft, -1), fed[:, 1:], proposals, sampling)
                 # Fed tokens past the first disagreement are masked out for good.
                 for stream in streams:
                     stream.commit(draft, kept=(accepted + 1).clamp_max(draft))
@@ -585,6 +580,20 @@ def _stopping(rows: list[int], generated: list[list[int]], eos_token_id: int, ma
     if stop_check is not None and live:
         stopped |= stop_check(live, [generated[r] for r in live])
     return stopped
+
+
+def _kept(fused: torch.Tensor, drafts: torch.Tensor, proposals: list[torch.Tensor], sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """A speculative round's choice from its fused logits ``[B, k, V]`` and the k - 1 drafts
+    ``[B, k - 1]``: ``([B, k] tokens, [B] j)``, the row keeping its first j + 1 tokens.
+    Greedy: the fused argmax g1..gk, j the drafts equal to it before the first that is
+    not; sampled: ``speculative_choice`` against the ``proposals`` ``[B, V]`` each draft
+    was drawn from."""
+    if sampling.do_sample:
+        target = sampling_probabilities(fused.flatten(0, 1), sampling).view_as(fused)
+        proposal = torch.stack(proposals, dim=1) if proposals else target[:, :0]
+        return speculative_choice(drafts, proposal, target)
+    tokens = fused.argmax(-1)
+    return tokens, (drafts == tokens[:, :-1]).long().cumprod(1).sum(1)
 
 
 def choose_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -633,15 +642,16 @@ def speculative_choice(drafts: torch.Tensor, proposal: torch.Tensor, target: tor
 def sampling_probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """The distribution sampling draws from: softmax after temperature, top-k and top-p (0
     where a token is dropped); ``[N, V]``."""
-    scores = logits / sampling.temperature
+    scores = logits / sampling.temperature  # ours: changed in place below (a V-sized row per row fewer)
     if sampling.top_k > 0:
         kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+        scores.masked_fill_(scores < kth, float("-inf"))
     if sampling.top_p < 1.0:
         sorted_scores, order = scores.sort(dim=-1, descending=True)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        probs = sorted_scores.softmax(-1)
+        del sorted_scores
         # Drop a token when the tokens ranked above it already reach top_p.
-        drop_sorted = (cumulative - sorted_scores.softmax(-1)) >= sampling.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+        drop_sorted = probs.cumsum(-1).sub_(probs) >= sampling.top_p
+        del probs
+        scores.masked_fill_(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return scores.softmax(-1)

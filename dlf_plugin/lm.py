@@ -476,21 +476,20 @@ class DLFLM(HFLM):
         return batch_size
 
     def _generation_trial(self, batch_size: int) -> None:
-        """Decoding from prompts whose caches end as long as the widest request's can grow:
-        its context and max_gen_toks new tokens, times k with ``speculate=k`` (a round takes
-        k cache slots per row and at worst keeps one). Two steps or two rounds, so that the
-        previous one's fused logits are held while the next one's are made, as in a run.
-        Left padding keeps positions within max_length."""
+        """A step (a speculative round) after the prefill's, from prompts whose caches end as
+        long as the widest request's can grow: its context and max_gen_toks new tokens, times
+        k with ``speculate=k`` (a round takes k cache slots per row and at worst keeps one).
+        Nothing of a step outlives it but the caches, so the last step is the largest. Left
+        padding keeps positions within max_length."""
         context, new, sampling = getattr(self, "_widest_generation", None) or (self.max_length - self.max_gen_toks, self.max_gen_toks, Sampling())
         k = max(self.speculate, 1)
-        steps = 2 if k == 1 else k + 2  # a round keeps at most k tokens: k + 2 tokens take two rounds
-        read = 1 if k == 1 else 2 * k  # tokens read after the prompt (a plain cache holds one more)
-        prompt = max(1, context + new * k - read - (k == 1))
+        read = 2 if k == 1 else k  # slots after the prompt: a plain cache holds both tokens, a round reads k
+        prompt = max(1, context + new * k - read)
         shown = max(1, min(prompt, context + new - read))  # prompt tokens not padding
         ids = torch.full((batch_size, prompt), self.prefix_token_id, dtype=torch.long)
         mask = torch.ones_like(ids)
         mask[:, : prompt - shown] = 0
-        common = dict(max_new_tokens=steps, eos_token_id=-1, pad_token_id=self.prefix_token_id, sampling=sampling)
+        common = dict(max_new_tokens=2, eos_token_id=-1, pad_token_id=self.prefix_token_id, sampling=sampling)
         if k == 1:
             self.engine.generate(ids, mask, **common)
         else:

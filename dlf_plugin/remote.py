@@ -370,9 +370,10 @@ class RemoteModel:
     def _dense(self, reported: list[Reported]) -> torch.Tensor:
         return dense(reported, self.vocab_size, self.client.where).to(self.device)
 
-    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, last: int | None = None) -> torch.Tensor:
         """Decoding: the next-token distribution of each row, ``[B, 1, V]``, after the columns
-        of ``input_ids`` its ``attention_mask`` keeps are appended to the row in ``cache``."""
+        of ``input_ids`` its ``attention_mask`` keeps are appended to the row in ``cache``
+        (the last position's only, whatever ``last``)."""
         if not isinstance(cache, RemoteCache):
             raise TypeError("a model behind a server decodes with its RemoteCache; scoring goes through scored_at")
         ids = input_ids.tolist()

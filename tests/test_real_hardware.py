@@ -250,6 +250,33 @@ def test_batch_size_trials_hold_what_the_solver_declares_and_never_call_it(tiny_
     assert weights.shape == (6, 2) and bool(((weights >= solver.bounds[0]) & (weights <= solver.bounds[1])).all())
 
 
+@pytest.mark.parametrize("speculate, sampled", [(0, False), (0, True), (3, False), (3, True)])
+def test_nothing_of_a_step_outlives_it_but_the_kv_caches(tiny_world, speculate, sampled):
+    """When a step (a speculative round) starts making its logits, the memory held since the
+    first step's did is the KV caches' growth (the tokens read since), the step's own hidden
+    states and at most a logit row per sequence and position (a round's drafts); no logits
+    of a step before (6 logit rows per sequence here, 18 with a round of 3), and no hidden
+    states of a prompt. ``static`` keeps no buffers between steps (dlf's solvers keep what
+    they declare)."""
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="static", batch_size="4", speculate=speculate)
+    engine, batch, live = lm.engine, 4, []
+    make_logits = engine._logits
+    engine._logits = lambda hidden: live.append(meter.now) or make_logits(hidden)
+    growing = speculate > 1 or not all(m.static_cache for m in engine.models.values())
+    configs = [m.model.config for m in engine.models.values()]
+    per_token = sum(2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 for c in configs)
+    gen = {"until": [], "max_gen_toks": 10, **({"do_sample": True, "temperature": 1.0, "top_p": 0.9, "top_k": 50} if sampled else {})}
+    requests = [Instance("generate_until", None, (f"The river Tesh flows {i}", gen), i) for i in range(batch)]
+    with measure_allocations() as meter:
+        lm.generate_until(requests)
+    assert len(live) >= 3
+    positions = batch * max(speculate, 1)
+    own = positions * (tiny_world["vocab"] + sum(c.hidden_size for c in configs)) * 4  # a logit row, hidden states
+    for step, now in enumerate(live[1:], start=1):
+        caches = step * positions * per_token if growing else 0
+        assert now - live[0] <= caches + own, (step, now - live[0], caches)
+
+
 # -- precision ------------------------------------------------------------------------------
 
 
@@ -503,3 +530,6 @@ def test_a_model_whose_head_dlf_cannot_split_gives_its_own_logits_upcast(tiny_mo
         truth = model(ids).logits[0, :, :300]
     assert logits.dtype == torch.float32
     assert torch.equal(logits, truth.float())
+    # A prefill asks for its last position only: the head runs on it alone.
+    last = backend.hidden(ids, last=2)
+    assert last.shape == (1, 2, 300) and torch.allclose(backend.logits(last[0]), truth[-2:].float(), atol=1e-6)
