@@ -222,6 +222,7 @@ class DLFLM(HFLM):
         self._chat_checked = False
         self.tracer = TraceWriter(trace, self.tok_decode) if trace else None
         self._ignored_gen_kwargs: set[str] = set()  # warned about once
+        self._widest_generation: tuple[int, int, Sampling] | None = None  # batch_size auto's generation trial
 
     # -- construction from lm-eval's model_args ---------------------------------------------
 
@@ -442,10 +443,10 @@ class DLFLM(HFLM):
         batches after each out-of-memory error).
 
         Scoring tries the longest request's shape with its continuation fused (chunked, as
-        every batch is). Generation (lm-eval asks with no requests) decodes, from prompts as
-        wide as the widest request's, until every model's KV cache is as long as that
-        request's can grow, and runs a fused step on top (a speculative round of k
-        positions): a generation's memory is mostly its caches, which scoring never keeps.
+        every batch is). Generation (lm-eval asks with no requests) prefills prompts as long
+        as the widest request's KV caches can grow and makes a fused step on them (a
+        speculative round of k positions): a generation's memory is mostly its caches, which
+        scoring never keeps.
         """
         if requests:
             _, context, continuation = requests[pos]
@@ -481,7 +482,7 @@ class DLFLM(HFLM):
         k with ``speculate=k`` (a round takes k cache slots per row and at worst keeps one).
         Nothing of a step outlives it but the caches, so the last step is the largest. Left
         padding keeps positions within max_length."""
-        context, new, sampling = getattr(self, "_widest_generation", None) or (self.max_length - self.max_gen_toks, self.max_gen_toks, Sampling())
+        context, new, sampling = self._widest_generation or (self.max_length - self.max_gen_toks, self.max_gen_toks, Sampling())
         k = max(self.speculate, 1)
         read = 2 if k == 1 else k  # slots after the prompt: a plain cache holds both tokens, a round reads k
         prompt = max(1, context + new * k - read)
