@@ -70,6 +70,7 @@ class LocalModel:
         self.own_head = self.body is None or not isinstance(head, torch.nn.Linear)
         # The model's own forward soft-caps its logits; dlf does it where it runs the head itself.
         self.softcap = None if self.own_head else getattr(model.config, "final_logit_softcapping", None)
+        self._per_kind, self.window = attention_layout(name, model.config)
         self.bias = None
         if not self.own_head:
             self.weight = head.weight[:vocab_size]  # [V, H], a view
@@ -106,8 +107,7 @@ class LocalModel:
     def static_cache(self) -> bool:
         """Whether decoding preallocates this model's KV cache (transformers' StaticCache): for
         models transformers can compile whole, without sliding-window layers."""
-        config = self.model.config
-        return bool(getattr(self.model, "_can_compile_fullgraph", False)) and not getattr(config, "sliding_window", None)
+        return bool(getattr(self.model, "_can_compile_fullgraph", False)) and self.window is None
 
     def new_cache(self, batch: int, length: int, preallocated: bool = True):
         """A KV cache for ``batch`` rows of at most ``length`` tokens: preallocated where the
@@ -147,19 +147,34 @@ class LocalModel:
             states = states[:, -last:].clone()
         return states
 
-    def _attention_bias(self, mask: torch.Tensor, queries: int) -> torch.Tensor:
+    def _attention_bias(self, mask: torch.Tensor, queries: int):
         """The 4D additive mask ``[B, 1, queries, keys]`` for a 2D padding mask ``[B, keys]``
-        whose last ``queries`` positions are being run: causal and padding together.
+        whose last ``queries`` positions are being run: causal and padding together, and for
+        sliding-window layers the window too; for a model with both kinds of layer, one
+        mask per kind (``{"full_attention": ..., "sliding_attention": ...}``, as its forward
+        takes them).
 
         transformers builds this itself from a 2D mask, but first checks on the host whether
-        the mask has any padding at all (a device sync at every step); a 4D mask is used as is.
+        the mask has any padding at all (a device sync at every step); a 4D mask is used as
+        is, so the window is dlf's to apply. It is counted in tokens, not cache slots: a key
+        is seen while its position is less than ``window`` before the query's. Positions are
+        the open slots counted from the left, so left padding and the drafts a speculative
+        round refused (masked, their positions reused) take no place in the window.
         """
         keys = mask.shape[1]
-        query_pos = torch.arange(keys - queries, keys, device=mask.device).unsqueeze(-1)  # [q, 1]
-        causal = torch.arange(keys, device=mask.device) <= query_pos  # [q, keys]
-        allowed = causal & mask.bool()[:, None, None, :]
+        query_slot = torch.arange(keys - queries, keys, device=mask.device).unsqueeze(-1)  # [q, 1]
+        causal = torch.arange(keys, device=mask.device) <= query_slot  # [q, keys]
+        allowed = causal & mask.bool()[:, None, None, :]  # [B, 1, q, keys]
+        if self.window is None:
+            return self._additive(allowed)
+        positions = mask.long().cumsum(-1)  # [B, keys]: one more than each open slot's position
+        near = positions[:, -queries:, None] - positions[:, None, :] < self.window  # [B, q, keys]
+        sliding = self._additive(allowed & near.unsqueeze(1))
+        return {"full_attention": self._additive(allowed), "sliding_attention": sliding} if self._per_kind else sliding
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         dtype = self.model.dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits ``[M, V]`` on the fusion device from hidden states ``[M, H]``,
@@ -188,8 +203,8 @@ class LocalModel:
                 beyond the rounding of the model's dtype (an architecture whose head is more
                 than a linear layer); the message names the model.
         """
-        with torch.no_grad():
-            ours = self.logits(self.hidden(probe)[0])
+        with torch.no_grad():  # through the masks dlf builds, as every scoring and decoding pass
+            ours = self.logits(self.hidden(probe, torch.ones_like(probe), torch.arange(probe.shape[1]).unsqueeze(0))[0])
             if self.own_head:
                 theirs = ours
             else:
@@ -209,6 +224,40 @@ class LocalModel:
                 f"its own forward by {error:.3g} (tolerance {tolerance:.3g}); dlf cannot split this architecture's "
                 "head, please report it"
             )
+
+
+# The kinds of attention layer whose masks dlf builds (``LocalModel._attention_bias``).
+MASKED_KINDS = ("full_attention", "sliding_attention")
+
+
+def attention_layout(name: str, config) -> tuple[bool, int | None]:
+    """How ``name``'s layers attend, from its (text) config: (whether its forward takes one
+    mask per kind of layer, the sliding window in tokens or None where no layer slides).
+
+    A config with ``layer_types`` names each layer's kind (Gemma 2 and 3, Qwen 2 and 3,
+    Cohere 2, ...): its forward takes a dict of masks by kind. Without it, every layer
+    slides where ``sliding_window`` is set (Mistral, Mixtral, Phi-3, Starcoder 2), else none.
+
+    Raises:
+        ModelFault: a kind of layer dlf cannot mask (chunked or linear attention, state-space
+            layers), or sliding layers without a window; the message names the model.
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if kinds is None:
+        return False, window or None
+    unknown = sorted(set(kinds) - set(MASKED_KINDS))
+    if unknown:
+        raise ModelFault(
+            f"model {name} has layers of kind {', '.join(unknown)}; dlf builds the attention masks itself and "
+            f"knows only {' and '.join(MASKED_KINDS)}, so it cannot run this architecture correctly (please report it)"
+        )
+    if "sliding_attention" not in kinds:
+        return False, None
+    if not isinstance(window, int) or window < 1:
+        raise ModelFault(f"model {name} has sliding-window layers but its config's sliding_window is {window!r}; set it to the window in tokens")
+    return True, window
 
 
 def _half_head_mode(weight: torch.Tensor) -> str:

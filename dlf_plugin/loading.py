@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from dlf_plugin import merging, remote
-from dlf_plugin.backends import ModelFault
+from dlf_plugin.backends import ModelFault, attention_layout
 from dlf_plugin.registry import ModelSpec, Registry, RegistryError
 
 logger = logging.getLogger(__name__)
@@ -212,7 +212,8 @@ def chat_templates(pairs, tokenizers: dict, registry) -> dict[str, str]:
 
 def check_output_vocabularies(specs: list[ModelSpec], tokens: int, registry_path: Path) -> None:
     """Every model's output layer covers the shared tokenizer, read from its config (before
-    any weights load): a smaller head could not score the tokenizer's last ids."""
+    any weights load): a smaller head could not score the tokenizer's last ids. Its layers
+    are of kinds whose attention masks dlf builds (``backends.attention_layout``)."""
     for spec in specs:
         if spec.server is not None:  # the server's vocabulary is its tokenizer's (checked by check_vocabularies)
             continue
@@ -221,6 +222,7 @@ def check_output_vocabularies(specs: list[ModelSpec], tokens: int, registry_path
             config = transformers.AutoConfig.from_pretrained(location, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise RegistryError(f"{registry_path}: models.{spec.name}: its config.json could not be read: {exc}") from exc
+        attention_layout(spec.name, config)  # layers dlf cannot mask: refused before the weights load
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         rows = getattr(text, "vocab_size", None)
         if isinstance(rows, int) and rows < tokens:
