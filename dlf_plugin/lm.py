@@ -228,12 +228,12 @@ class DLFLM(HFLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        _reject_device(simple_parse_args_string(arg_string or ""))
+        _reject_model_args(simple_parse_args_string(arg_string or ""), additional_config)
         return super().create_from_arg_string(arg_string, additional_config)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
-        _reject_device(arg_dict)
+        _reject_model_args(arg_dict, additional_config)
         return super().create_from_arg_obj(arg_dict, additional_config)
 
     # -- context ------------------------------------------------------------------------
@@ -789,12 +789,20 @@ def _data_parallel():
     return accelerator if accelerator.num_processes > 1 else None
 
 
-def _reject_device(args: dict) -> None:
+def _reject_model_args(args: dict, additional: dict | None) -> None:
+    """model_args that lm-eval would pass on twice or dlf does not take, named before any model loads."""
     if "device" in args:
         raise RegistryError(
             "model_args: 'device' is not a dlf model argument; use model_args placement=<device or auto> "
             "for every model, or set device/device_map per model in the registry (--device applies "
             "where neither says)"
+        )
+    # lm-eval's command line always passes --batch_size (1 unless given) beside model_args.
+    twice = sorted(k for k, v in (additional or {}).items() if k in args and v is not None)
+    if twice:
+        raise RegistryError(
+            "model_args: " + ", ".join(f"{k}={args[k]} is also given by lm-eval as {additional[k]} (--{k})" for k in twice)
+            + "; give it once, as " + " ".join(f"--{k} {args[k]}" for k in twice) + " on the command line"
         )
 
 

@@ -141,6 +141,16 @@ def test_device_inside_model_args(tiny_world, no_model_loads):
         DLFLM.create_from_arg_obj({"registry": str(tiny_world["registry"]), "device": "cpu"}, {})
 
 
+def test_batch_size_in_model_args_and_from_lm_eval(tiny_world, no_model_loads):
+    """lm-eval's command line passes --batch_size (1 unless given) beside model_args; a
+    batch_size in model_args too used to end in Python's "got multiple values" TypeError."""
+    args = f"registry={tiny_world['registry']},experts=a1,batch_size=auto"
+    with pytest.raises(RegistryError, match=r"model_args: batch_size=auto is also given by lm-eval as 1 \(--batch_size\); give it once, as --batch_size auto"):
+        DLFLM.create_from_arg_string(args, {"batch_size": 1, "max_batch_size": None, "device": None})
+    with pytest.raises(RegistryError, match=r"max_batch_size=8 is also given by lm-eval as 64"):
+        DLFLM.create_from_arg_obj({"registry": str(tiny_world["registry"]), "max_batch_size": 8}, {"max_batch_size": 64})
+
+
 def test_cuda_placement_without_cuda(tiny_world, no_model_loads):
     import torch
 
