@@ -68,8 +68,10 @@ class LocalModel:
         self.body = model.base_model if model.base_model is not model else None
         head = model.get_output_embeddings()
         self.own_head = self.body is None or not isinstance(head, torch.nn.Linear)
-        # The model's own forward soft-caps its logits; dlf does it where it runs the head itself.
-        self.softcap = None if self.own_head else getattr(model.config, "final_logit_softcapping", None)
+        # The model's own forward scales or soft-caps its logits; dlf does it where it runs the head itself.
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.scale = None if self.own_head else _logit_scale(text)
+        self.softcap = None if self.own_head else getattr(text, "final_logit_softcapping", None)
         self._per_kind, self.window = attention_layout(name, model.config)
         self.bias = None
         if not self.own_head:
@@ -189,6 +191,8 @@ class LocalModel:
             logits = torch.mm(hidden.float(), self.weight.t(), out=here)
         if self.bias is not None:
             logits.add_(self.bias)
+        if self.scale is not None:
+            logits.mul_(self.scale)
         if self.softcap:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
         if out is None:
@@ -258,6 +262,16 @@ def attention_layout(name: str, config) -> tuple[bool, int | None]:
     if not isinstance(window, int) or window < 1:
         raise ModelFault(f"model {name} has sliding-window layers but its config's sliding_window is {window!r}; set it to the window in tokens")
     return True, window
+
+
+def _logit_scale(config) -> float | None:
+    """What a model's head multiplies its logits by after the linear layer: Cohere's
+    ``logit_scale``, one over Granite's ``logits_scaling``; None where it does not scale."""
+    if getattr(config, "logit_scale", None):
+        return float(config.logit_scale)
+    if getattr(config, "logits_scaling", None):
+        return 1.0 / float(config.logits_scaling)
+    return None
 
 
 def _half_head_mode(weight: torch.Tensor) -> str:

@@ -513,6 +513,31 @@ def test_preallocated_caches_decode_as_growing_ones(tiny_world, monkeypatch):
     assert torch.equal(static, growing)
 
 
+@pytest.mark.parametrize("arch", ["cohere2", "granite"])
+def test_heads_that_scale_their_logits_are_split_with_the_scale(arch):
+    """Cohere's heads multiply their logits by ``logit_scale`` (0.0625 by default) and
+    Granite's divide them by ``logits_scaling``: dlf's float32 head does the same, so the
+    split head passes the load probe and gives the model's own logits (until 2026-12-07
+    such models were refused at load)."""
+    from dlf_plugin.backends import LocalModel
+
+    shape = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    if arch == "cohere2":
+        model = transformers.Cohere2ForCausalLM(transformers.Cohere2Config(sliding_window=4, **shape)).eval()
+    else:
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(logits_scaling=8.0, **shape)).eval()
+    backend = LocalModel(arch, model, 120, torch.device("cpu"))
+    ids = torch.randint(3, 120, (1, 12), generator=torch.Generator().manual_seed(0))
+    backend.check_head(ids[:, :8])
+    assert backend.head_mode == "float32"
+    with torch.no_grad():
+        truth = model(ids).logits[0]
+    ours = backend.logits(backend.hidden(ids, torch.ones_like(ids), torch.arange(12).unsqueeze(0))[0])
+    assert torch.allclose(ours, truth, atol=1e-5)
+
+
 def test_a_model_whose_head_dlf_cannot_split_gives_its_own_logits_upcast(tiny_models_loaded, monkeypatch, caplog):
     """The fallback for architectures without a plain linear head under their body: the
     model's own forward, upcast to float32, with a warning naming the model."""
