@@ -202,17 +202,26 @@ class LocalModel:
     def check_head(self, probe: torch.Tensor) -> None:
         """Compare ``logits(hidden(probe))`` with the model's own forward on a few tokens.
 
+        Ours is read as every scoring and decoding pass reads: with the 4D attention mask and
+        the position ids dlf passes.
+
         Raises:
-            ModelFault: NaN or infinite logits (broken weights), or the split head differs
-                beyond the rounding of the model's dtype (an architecture whose head is more
-                than a linear layer); the message names the model.
+            ModelFault: a forward that fails on dlf's mask and position ids, NaN or infinite
+                logits (broken weights), or logits that differ beyond the rounding of the
+                model's dtype (a head that is more than a linear layer, masks the model does
+                not read as dlf means them); the message names the model.
         """
-        with torch.no_grad():  # through the masks dlf builds, as every scoring and decoding pass
-            ours = self.logits(self.hidden(probe, torch.ones_like(probe), torch.arange(probe.shape[1]).unsqueeze(0))[0])
-            if self.own_head:
-                theirs = ours
-            else:
-                theirs = self.model(probe.to(self.model_device), use_cache=False).logits[0, :, : self.vocab_size].float().to(self.device)
+        with torch.no_grad():
+            try:
+                ours = self.logits(self.hidden(probe, torch.ones_like(probe), torch.arange(probe.shape[1]).unsqueeze(0))[0])
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                raise ModelFault(
+                    f"model {self.name}: its forward fails on the 4D attention mask and position ids dlf passes "
+                    f"({type(exc).__name__}: {exc}); dlf cannot run this architecture, please report it"
+                ) from exc
+            theirs = self.model(probe.to(self.model_device), use_cache=False).logits[0, :, : self.vocab_size].float().to(self.device)
         if not bool(torch.isfinite(theirs).all() and torch.isfinite(ours).all()):
             raise ModelFault(
                 f"model(s) {self.name} gave NaN or infinite logits on a {probe.shape[1]}-token probe at load "
@@ -226,7 +235,7 @@ class LocalModel:
             raise ModelFault(
                 f"model {self.name}: logits from its last hidden state through its output layer differ from "
                 f"its own forward by {error:.3g} (tolerance {tolerance:.3g}); dlf cannot split this architecture's "
-                "head, please report it"
+                "head or mask its attention, please report it"
             )
 
 

@@ -538,6 +538,18 @@ def test_heads_that_scale_their_logits_are_split_with_the_scale(arch):
     assert torch.allclose(ours, truth, atol=1e-5)
 
 
+def test_an_architecture_whose_forward_fails_on_dlfs_masks_is_refused_at_load_naming_it():
+    """BLOOM builds its ALiBi biases from a 2D mask and fails on the 4D one dlf passes: the
+    load probe says so, naming the model, instead of a bare unpacking error mid-run."""
+    from dlf_plugin.backends import LocalModel, ModelFault
+
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=120, hidden_size=32, n_layer=2, n_head=4)).eval()
+    backend = LocalModel("old-bloom", model, 120, torch.device("cpu"))
+    with pytest.raises(ModelFault, match=r"model old-bloom: its forward fails on the 4D attention mask and position ids dlf passes \(ValueError"):
+        backend.check_head(torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]]))
+
+
 def test_a_model_whose_head_dlf_cannot_split_gives_its_own_logits_upcast(tiny_models_loaded, monkeypatch, caplog):
     """The fallback for architectures without a plain linear head under their body: the
     model's own forward, upcast to float32, with a warning naming the model."""
