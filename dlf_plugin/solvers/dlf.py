@@ -251,7 +251,10 @@ class ExactSolver(_WorkspaceSolver):
         self.uncertified_rows = None  # [N] bool, the last solve's
 
     def working_rows(self, num_pairs: int) -> int:
-        return 3 * num_pairs + 1  # _Problem's deltas, scratch and gathered directions [N, P, V], P [N, V]
+        # _Problem's deltas, scratch and gathered directions [N, P, V], P [N, V]; and one row
+        # for the search's bounds ([N, P, 21, E], E points kept: about 8 KB per row and pair
+        # in all, which a row of V covers up to 16 pairs at V = 32,000).
+        return 3 * num_pairs + 2
 
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
         problem = _Problem(inputs, self.workspace)
@@ -581,19 +584,27 @@ class _Search:
         bound, open_ = self._bounds(grid)
         j = grid.numel()
         scores = torch.where(open_, bound, float("inf"))
+        # The points are kept as [N, P, k], k per direction (the k-th of a direction's picks,
+        # or of its row's with the fixed schedule), not on the grid's J columns: the bounds'
+        # [N, P, J, E] work grows with E, the points kept.
         if self.adaptive:  # the few lowest bounds of each direction: each evaluation may rule out the rest
-            ranked, column = scores.topk(min(ADAPTIVE_POINTS, j), dim=-1, largest=False)  # [N, P, k]
-            pick = (torch.arange(n * p, device=column.device).view(n, p, 1) * j + column)[ranked < float("inf")]
+            k = min(ADAPTIVE_POINTS, j)
+            ranked, column = scores.topk(k, dim=-1, largest=False)  # [N, P, k]
+            chosen = ranked < float("inf")
+            pick = (torch.arange(n * p, device=column.device).view(n, p, 1) * j + column)[chosen]
             if len(pick) == 0:
                 return None
+            slots = torch.arange(n * p * k, device=column.device)[chosen.view(-1)]
         else:
-            pick = _per_row(scores.view(n, p * j), budget, largest=False)
+            k = min(budget, p * j)
+            pick = _per_row(scores.view(n, p * j), budget, largest=False)  # row by row, k each
+            slots = pick // j * k + torch.arange(k, device=pick.device).repeat(n)
         direction, column = pick // j, pick % j
         t = grid[column]
         f, g, dg = self.problem.values_at(direction // p, direction % p, t)
         self.passes += len(pick) / n
         before = self.best_loss
-        self._record(*self._scatter(pick, t, f, g, dg, per_direction=j))
+        self._record(*self._scatter(slots, t, f, g, dg, per_direction=k))
         return before - self.best_loss
 
     def polish(self, gain, budget: int, radius: float, rounds: int) -> None:
