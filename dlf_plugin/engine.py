@@ -512,6 +512,15 @@ class FusionEngine:
                 if any(faults):
                     self.raise_faults(faults[:-1], faults[-1], fused)
                 step = tokens.shape[1]
+                if self.speculation["rounds"]:  # tokens of a round, not the prefill's
+                    # The round's columns past the most any row kept are cut from every cache
+                    # (at batch 1, every refused draft); each row's others are masked for good.
+                    width = min(max(counts) + 1, draft)
+                    for stream in streams:
+                        stream.commit(width, kept=(accepted + 1).clamp_max(draft))
+                    if width < draft:  # a negative count: tokens to remove, in every transformers release
+                        for cache in caches.values():
+                            cache.crop(width - draft)
                 emitted = []  # (row, fused row, token, position, drafted) for the observer
                 for i in range(step):  # token by token, as plain decoding stops
                     rows = [r for r in range(batch) if not finished[r] and i <= min(counts[r], step - 1)]
@@ -552,9 +561,6 @@ class FusionEngine:
                 self.speculation["rounds"] += 1
                 self.speculation["drafted"] += (draft - 1) * finished.count(False)
                 tokens, accepted = _kept(fused.logits.view(batch, draft, -1), fed[:, 1:], proposals, sampling)
-                # Fed tokens past the first disagreement are masked out for good.
-                for stream in streams:
-                    stream.commit(draft, kept=(accepted + 1).clamp_max(draft))
         finally:
             self.release()
         self.speculation["tokens"] = sum(map(len, generated))

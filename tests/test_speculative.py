@@ -116,6 +116,38 @@ def test_masked_drafts_equal_recomputing_every_prefix(tiny_world, tiny_models_lo
         assert got == expected, (prompt, got, expected)
 
 
+def test_columns_no_row_kept_are_cut_from_the_caches(tiny_world):
+    """After each round, the cache slots past the most any row kept are cut (a row's other
+    refused drafts stay, masked): alone, a row's caches hold no refused draft; in a batch,
+    every slot past the prompts serves some row. Every pass's 2D mask shows it (the mask
+    covers every slot of the caches it reads). The tokens are plain decoding's."""
+    lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="static", batch_size=4)
+    masks = []
+    for backend in {id(b): b for b in lm.engine.models.values()}.values():
+        hidden = backend.hidden
+
+        def recording(ids, mask=None, *args, hidden=hidden, **kwargs):
+            masks.append(None if mask is None else mask.clone())
+            return hidden(ids, mask, *args, **kwargs)
+
+        backend.hidden = recording
+    prompts = ["The river Tesh flows", "Question: What is the capital of Varn?\nAnswer:", "Lorem", "the quick brown fox"]
+    for rows in (prompts[:1], prompts):
+        masks.clear()
+        context, mask = lm.tok_batch_encode(rows)
+        plain = lm.engine.generate(context, mask, 12, Sampling(), lm.eot_token_id, 0)
+        masks.clear()
+        out = lm.engine.generate_speculative(context, mask, 12, lm.eot_token_id, 0, draft=3)
+        assert out.tolist() == plain.tolist()
+        assert lm.engine.speculation["accepted"] < lm.engine.speculation["drafted"]  # drafts were refused
+        width = context.shape[1]
+        for seen in masks:
+            if len(rows) == 1:
+                assert bool(seen.all())
+            else:
+                assert bool(seen[:, width:].any(0).all())
+
+
 def _tv(counts: dict, exact: dict, total: int) -> float:
     """Total variation between empirical ``counts`` (of ``total`` draws) and ``exact``."""
     return 0.5 * sum(abs(counts.get(k, 0) / total - exact.get(k, 0.0)) for k in set(counts) | set(exact))
