@@ -478,8 +478,9 @@ class FusionEngine:
         min(1, p_i(d_i) / q_i(d_i)) (p fused, q the drafter's, both after ``sampling``'s
         temperature, top-k and top-p) up to the first rejection, where a token is drawn from
         max(0, p_i - q_i), or after all k-1 from p_k.
-        Drafts past the first rejection stay in the KV caches, masked out of attention for
-        good, and positions continue from the tokens kept: no cache is cut.
+        After each round the cache slots past the most tokens any row kept are cut from
+        every cache (alone, every refused draft); a row's other refused drafts stay, masked
+        out of attention for good, and positions continue from the tokens kept.
         With ``draft=1`` a round is a plain fused step. One device-to-host transfer a round:
         the kept tokens, the accepted counts and the fault flags.
 
