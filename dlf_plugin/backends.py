@@ -69,7 +69,7 @@ class LocalModel:
         head = model.get_output_embeddings()
         self.own_head = self.body is None or not isinstance(head, torch.nn.Linear)
         # The model's own forward scales or soft-caps its logits; dlf does it where it runs the head itself.
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        text = text_config(model.config)
         self.scale = None if self.own_head else _logit_scale(text)
         self.softcap = None if self.own_head else getattr(text, "final_logit_softcapping", None)
         self._per_kind, self.window = attention_layout(name, model.config)
@@ -239,6 +239,11 @@ class LocalModel:
             )
 
 
+def text_config(config):
+    """The config of a model's language part (a multimodal wrapper's ``text_config``), or the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 # The kinds of attention layer whose masks dlf builds (``LocalModel._attention_bias``).
 MASKED_KINDS = ("full_attention", "sliding_attention")
 
@@ -255,7 +260,7 @@ def attention_layout(name: str, config) -> tuple[bool, int | None]:
         ModelFault: a kind of layer dlf cannot mask (chunked or linear attention, state-space
             layers), or sliding layers without a window; the message names the model.
     """
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     kinds = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     if kinds is None:

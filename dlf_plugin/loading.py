@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from dlf_plugin import merging, remote
-from dlf_plugin.backends import ModelFault, attention_layout
+from dlf_plugin.backends import ModelFault, attention_layout, text_config
 from dlf_plugin.registry import ModelSpec, Registry, RegistryError
 
 logger = logging.getLogger(__name__)
@@ -223,8 +223,7 @@ def check_output_vocabularies(specs: list[ModelSpec], tokens: int, registry_path
         except (OSError, ValueError) as exc:
             raise RegistryError(f"{registry_path}: models.{spec.name}: its config.json could not be read: {exc}") from exc
         attention_layout(spec.name, config)  # layers dlf cannot mask: refused before the weights load
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        rows = getattr(text, "vocab_size", None)
+        rows = getattr(text_config(config), "vocab_size", None)
         if isinstance(rows, int) and rows < tokens:
             raise RegistryError(
                 f"{registry_path}: models.{spec.name} ({spec.location}) has an output layer of {rows} rows (config.json "
