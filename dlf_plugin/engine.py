@@ -122,6 +122,37 @@ class _Stream:
         self.length += count
 
 
+class _Lookup:
+    """Prompt-lookup drafts for one row (``speculate`` with ``lookup``): the tokens that
+    followed the earliest earlier occurrence of the row's last three tokens in its prompt and
+    generation, else of its last two. Each n-gram's first occurrence is kept in a table as
+    tokens arrive, so a round's lookup costs two dictionary reads, whatever the length."""
+
+    SIZES = (3, 2)  # longest first; chosen on the toy world's dev split (README "Speculative decoding")
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens: list[int] = []
+        self.first: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.SIZES}
+        for token in tokens:
+            self.append(token)
+
+    def append(self, token: int) -> None:
+        # The n-grams ending just before ``token`` now have a follower: ``token``'s index.
+        at = len(self.tokens)
+        self.tokens.append(token)
+        for n, table in self.first.items():
+            if at >= n:
+                table.setdefault(tuple(self.tokens[at - n : at]), at)
+
+    def chain(self, length: int) -> list[int]:
+        """Up to ``length`` tokens copied after the earliest match; empty without one."""
+        for n, table in self.first.items():
+            start = table.get(tuple(self.tokens[-n:])) if len(self.tokens) >= n else None
+            if start is not None:
+                return self.tokens[start : start + length]
+        return []
+
+
 class FusionEngine:
     """Fused scoring and generation for one large base and a list of expert pairs.
 
@@ -455,14 +486,15 @@ class FusionEngine:
     @_untracked
     def generate_speculative(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: TokensByView,
+        attention_mask: TokensByView,
         max_new_tokens: int,
         eos_token_id: int,
         pad_token_id: int,
         draft: int,
         stop_check: StopCheck | None = None,
         sampling: Sampling = Sampling(),
+        lookup: int = 0,
     ) -> torch.Tensor:
         """Fused decoding of up to ``draft`` tokens a round, the first pair's expert drafting
         (DESIGN.md section 8); greedy, the same tokens as ``generate`` (in float32: a k-token
@@ -484,21 +516,38 @@ class FusionEngine:
         With ``draft=1`` a round is a plain fused step. One device-to-host transfer a round:
         the kept tokens, the accepted counts and the fault flags.
 
+        ``lookup`` = n > 0 drafts from the context too (prompt lookup): a row whose prompt
+        (view 0's) and generation hold an earlier occurrence of its last tokens has the up to
+        n tokens that followed it as drafts (``_Lookup``, on the host: no sync). When every
+        running row has such a copy, or some row has one and ``draft`` is 1, the copies
+        alone draft the round: every model, the drafter included, reads x and the copies in
+        one pass, and the round fuses 1 + the shortest copy's length positions (a row
+        without a copy drafts placeholders). Otherwise the
+        drafter drafts as above, a row with a copy feeding its copied tokens (up to k - 1)
+        and the drafter's choices past them. A copied draft's proposal q is the token itself
+        (probability 1): the rule keeps it with probability p(d) and is exact with it as
+        with any proposal. The prompts are read to the host once, before the prefill.
+
         Returns:
             ``[B, L + n]`` as ``generate``.
         """
-        if not self.pairs:
+        if draft > 1 and not self.pairs:
             raise ValueError("speculative decoding needs an expert pair to draft with")
-        drafter = self.pairs[0].expert
-        streams = self._streams(input_ids, attention_mask, max_new_tokens * draft)
+        drafter = self.pairs[0].expert if draft > 1 else None
+        streams = self._streams(input_ids, attention_mask, max_new_tokens * max(draft, lookup + 1))
         batch, prompt_len = streams[0].prompt.shape
         device = self.device
         caches = {name: self.models[name].new_cache(batch, streams[self.view_of[name]].width, preallocated=False) for name in self.forward_order}
         generated: list[list[int]] = [[] for _ in range(batch)]
         finished = [False] * batch
-        # After the call: rounds (large-model passes after the prefill), drafts made and
-        # accepted over the running rows, tokens generated.
-        self.speculation = dict(rounds=0, drafted=0, accepted=0, tokens=0)
+        lookups = None
+        if lookup:
+            shown = torch.where(streams[0].mask[:, :prompt_len].bool(), streams[0].prompt, -1).tolist()
+            lookups = [_Lookup([t for t in row if t >= 0]) for row in shown]
+        # After the call: rounds (large-model passes after the prefill), rounds drafted by
+        # lookup alone, drafts made (copied ones among them) and accepted over the running
+        # rows, tokens generated.
+        self.speculation = dict(rounds=0, lookup_rounds=0, drafted=0, copied=0, accepted=0, tokens=0)
         try:
             # Prefill: every model reads its view's prompt; the fused first token is x.
             hidden = {name: self.models[name].hidden(*streams[self.view_of[name]].prefill(), caches[name], last=1) for name in self.forward_order}
@@ -514,19 +563,22 @@ class FusionEngine:
                     self.raise_faults(faults[:-1], faults[-1], fused)
                 step = tokens.shape[1]
                 if self.speculation["rounds"]:  # tokens of a round, not the prefill's
-                    # The round's columns past the most any row kept are cut from every cache
-                    # (at batch 1, every refused draft); each row's others are masked for good.
-                    width = min(max(counts) + 1, draft)
+                    # The round's columns past the most any running row kept are cut from
+                    # every cache (at batch 1, every refused draft); each row's others are
+                    # masked for good. (A stopped row's count means nothing.)
+                    width = min(max(counts[r] for r in range(batch) if not finished[r]) + 1, step)
                     for stream in streams:
-                        stream.commit(width, kept=(accepted + 1).clamp_max(draft))
-                    if width < draft:  # a negative count: tokens to remove, in every transformers release
+                        stream.commit(width, kept=(accepted + 1).clamp_max(step))
+                    if width < step:  # a negative count: tokens to remove, in every transformers release
                         for cache in caches.values():
-                            cache.crop(width - draft)
+                            cache.crop(width - step)
                 emitted = []  # (row, fused row, token, position, drafted) for the observer
                 for i in range(step):  # token by token, as plain decoding stops
                     rows = [r for r in range(batch) if not finished[r] and i <= min(counts[r], step - 1)]
                     for r in rows:
                         generated[r].append(kept[r * step + i])
+                        if lookups:
+                            lookups[r].append(kept[r * step + i])
                         emitted.append((r, r * step + i, kept[r * step + i], len(generated[r]) - 1, i < counts[r]))
                     for r in _stopping(rows, generated, eos_token_id, max_new_tokens, stop_check):
                         finished[r] = True
@@ -537,31 +589,60 @@ class FusionEngine:
                     break
                 # x: each row's last kept token (on the device, no sync).
                 x = tokens.gather(1, accepted.clamp_max(step - 1).unsqueeze(1))  # [B, 1]
-                running = torch.tensor([not f for f in finished], device=device)
-                # Draft: the drafter reads x, d1, .., d(k-1). Its hidden state after d(k-1) is
-                # fused at the last position; no dk is drawn: the k-th fused token is kept
-                # whether it would have agreed or not.
-                feed, drafted, drafter_hidden, proposals = x, [x], [], []
-                own = streams[self.view_of[drafter]]
-                for i in range(draft):
-                    h = self.models[drafter].hidden(feed, *own.take(1, offset=i), caches[drafter])[:, -1:]
-                    drafter_hidden.append(h)
-                    if i < draft - 1:
-                        logits = self.models[drafter].logits(h[:, 0])
-                        if sampling.do_sample:
-                            proposals.append(sampling_probabilities(logits, sampling))
-                            feed = torch.multinomial(proposals[-1], 1)
-                        else:
-                            feed = logits.argmax(-1, keepdim=True)
-                        drafted.append(feed)
-                fed = torch.cat(drafted, dim=1)  # [B, k]: x, d1..d(k-1)
-                reads = [stream.take(draft) for stream in streams]
-                hidden = {name: self.models[name].hidden(fed, *reads[self.view_of[name]], caches[name]) for name in self.forward_order if name != drafter}
-                hidden[drafter] = torch.cat(drafter_hidden, dim=1)
-                fused, flags = self._fuse_round(hidden, running.repeat_interleave(draft))
+                # Each running row's copied drafts. Copies alone draft the round where every
+                # running row has one, or where nobody else drafts (speculate 0 or 1: a row
+                # without a copy feeds placeholders then, drafts the rule keeps or refuses as
+                # any other); the round is as wide as the shortest copy allows.
+                live = [r for r in range(batch) if not finished[r]]
+                chains = [lookups[r].chain(lookup) if lookups and not finished[r] else [] for r in range(batch)]
+                lengths = [len(chains[r]) for r in live if chains[r]]
+                by_lookup = bool(lengths) and (len(lengths) == len(live) or drafter is None)
+                width = 1 + min(lengths) if by_lookup else draft
+                plan = torch.tensor([[int(not finished[r]), *(chains[r] + [-1] * width)[: width - 1]] for r in range(batch)], device=device)
+                running, copies = plan[:, 0].bool(), plan[:, 1:]  # [B], [B, width - 1] (-1: no copy)
+                hidden, proposals = {}, []
+                if by_lookup:
+                    fed = torch.cat([x, copies.clamp_min(0)], dim=1)  # placeholders (and finished rows): token 0
+                    if sampling.do_sample:
+                        proposals = [_one_hot(fed[:, i : i + 1], self.vocab_size) for i in range(1, width)]
+                elif drafter is None:
+                    fed = x  # a plain step
+                else:
+                    # Draft: the drafter reads x, d1, .., d(k-1). Its hidden state after d(k-1)
+                    # is fused at the last position; no dk is drawn: the k-th fused token is
+                    # kept whether it would have agreed or not.
+                    feed, drafted, drafter_hidden = x, [x], []
+                    own = streams[self.view_of[drafter]]
+                    for i in range(width):
+                        h = self.models[drafter].hidden(feed, *own.take(1, offset=i), caches[drafter])[:, -1:]
+                        drafter_hidden.append(h)
+                        if i < width - 1:
+                            logits = self.models[drafter].logits(h[:, 0])
+                            if sampling.do_sample:
+                                q = sampling_probabilities(logits, sampling)
+                                feed = torch.multinomial(q, 1)
+                            else:
+                                feed = logits.argmax(-1, keepdim=True)
+                            if lookups:  # a row's copied tokens, as far as they go
+                                copy = copies[:, i : i + 1]
+                                feed = torch.where(copy >= 0, copy, feed)
+                                if sampling.do_sample:
+                                    q = torch.where(copy >= 0, _one_hot(copy.clamp_min(0), self.vocab_size), q)
+                            if sampling.do_sample:
+                                proposals.append(q)
+                            drafted.append(feed)
+                    fed = torch.cat(drafted, dim=1)  # [B, k]: x, d1..d(k-1)
+                    hidden[drafter] = torch.cat(drafter_hidden, dim=1)
+                reads = [stream.take(width) for stream in streams]
+                for name in self.forward_order:
+                    if name not in hidden:
+                        hidden[name] = self.models[name].hidden(fed, *reads[self.view_of[name]], caches[name])
+                fused, flags = self._fuse_round(hidden, running.repeat_interleave(width))
                 self.speculation["rounds"] += 1
-                self.speculation["drafted"] += (draft - 1) * finished.count(False)
-                tokens, accepted = _kept(fused.logits.view(batch, draft, -1), fed[:, 1:], proposals, sampling)
+                self.speculation["lookup_rounds"] += by_lookup
+                self.speculation["drafted"] += (width - 1) * len(live)
+                self.speculation["copied"] += sum(min(len(chain), width - 1) for chain in chains)
+                tokens, accepted = _kept(fused.logits.view(batch, width, -1), fed[:, 1:], proposals, sampling)
         finally:
             self.release()
         self.speculation["tokens"] = sum(map(len, generated))
@@ -601,6 +682,11 @@ def _kept(fused: torch.Tensor, drafts: torch.Tensor, proposals: list[torch.Tenso
         return speculative_choice(drafts, proposal, target)
     tokens = fused.argmax(-1)
     return tokens, (drafts == tokens[:, :-1]).long().cumprod(1).sum(1)
+
+
+def _one_hot(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[B, 1]`` tokens as distributions ``[B, V]`` with all their mass on the token."""
+    return torch.zeros(len(tokens), vocab, device=tokens.device).scatter_(1, tokens, 1.0)
 
 
 def choose_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:

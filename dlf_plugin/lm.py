@@ -40,7 +40,7 @@ console.install()
 
 # model_args that dlf itself reads (everything else goes to the solver) and HFLM's
 # that dlf passes through.
-DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "route_tokens", "fusion_memory", "speculate", "shots")
+DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "route_tokens", "fusion_memory", "speculate", "lookup", "shots")
 ROUTES = ("none", "task", "prompt")
 PASSED_TO_HFLM = ("batch_size", "max_batch_size", "max_length", "add_bos_token", "prefix_token_id", "truncation", "logits_cache")
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k")
@@ -81,6 +81,12 @@ class DLFLM(HFLM):
             16-bit dtype's rounding (README); sampled: the same distribution, by the
             speculative-sampling rule; fewer large-model passes; DESIGN.md section 8); 0
             (default) or 1 decode plainly.
+        lookup: speculative rounds also draft from the context (prompt lookup): a row whose
+            prompt and generation already hold its last three (else two) tokens drafts up to
+            this many of the tokens that followed their earliest occurrence, instead of the
+            expert's choices; a round where every row has such a copy runs no drafter at all.
+            The same tokens or distribution as without; 0 (default): off. With speculate 0 or
+            1, only copies are drafted.
         shots: who reads the few-shot demonstrations of ``--num_fewshot``: ``all`` (default)
             or ``large`` (the large model only; the pairs read the zero-shot prompt). With
             ``large``, or a pair whose registry entry says ``chat_template: true`` (its expert
@@ -102,6 +108,7 @@ class DLFLM(HFLM):
         fusion_memory: int | str = DEFAULT_FUSION_MEMORY // 1024**2,
         route_tokens: int | str = ROUTE_TOKENS,
         speculate: int | str = 0,
+        lookup: int | str = 0,
         shots: str = "all",
         device: str | None = None,
         **kwargs: Any,
@@ -125,6 +132,9 @@ class DLFLM(HFLM):
         self.speculate = arguments.whole_number("speculate", speculate, minimum=0)
         if self.speculate > 1 and not pair_specs:
             raise RegistryError("model_args speculate needs at least one expert pair: the first pair's expert drafts")
+        self.lookup = arguments.whole_number("lookup", lookup, minimum=0)
+        if self.lookup and not pair_specs:
+            raise RegistryError("model_args lookup drafts for speculative decoding, which needs at least one expert pair")
         if shots not in views.SHOTS:
             raise RegistryError(f"model_args shots={shots!r} is not one of {', '.join(views.SHOTS)}")
         self.shots = shots
@@ -154,10 +164,11 @@ class DLFLM(HFLM):
                 f"the large model {self.registry.large} is behind a server and no expert pair is chosen: there is "
                 "nothing to fuse (lm-eval's own local-completions model evaluates a server alone); name pairs in experts"
             )
-        if served and self.speculate > 1:
+        if served and (self.speculate > 1 or self.lookup):
+            given = f"speculate={self.speculate}" if self.speculate > 1 else f"lookup={self.lookup}"
             raise RegistryError(
-                f"model_args speculate={self.speculate}: the large model {self.registry.large} is behind a server, which "
-                "would have to score the drafted tokens by echo at every step; drop speculate"
+                f"model_args {given}: the large model {self.registry.large} is behind a server, which "
+                "would have to score the drafted tokens by echo at every step; drop speculate and lookup"
             )
         specs = self.registry.models_for(pair_specs)
         loading.check_sources(specs, self.registry.path)
@@ -246,6 +257,13 @@ class DLFLM(HFLM):
             return self._max_length
         known = [n for n in self.contexts.values() if n]
         return min(known) if known else self._DEFAULT_MAX_LENGTH
+
+    @property
+    def round_width(self) -> int:
+        """The most positions a decoding step (a speculative round) reads per row, and so the
+        most cache slots a generated token can take: 1 decoding plainly; k with
+        ``speculate=k``, n + 1 with ``lookup=n``, whichever is more."""
+        return max(self.speculate, self.lookup + 1 if self.lookup else 1, 1)
 
     # -- prompt format ----------------------------------------------------------------------
 
@@ -360,7 +378,7 @@ class DLFLM(HFLM):
             sampling = _sampling(kwargs, warned=set(kwargs))  # unknown kwargs are warned about in the run
             sampled |= sampling.do_sample
             top_k, top_p = max(top_k, sampling.top_k), min(top_p, sampling.top_p)
-        context, new = max(rows, key=lambda row: row[0] + row[1] * max(self.speculate, 1))
+        context, new = max(rows, key=lambda row: row[0] + row[1] * self.round_width)
         return context, new, Sampling(do_sample=sampled, top_k=top_k if sampled else 0, top_p=top_p if sampled else 1.0)
 
     # -- route=task: each task's own pairs ------------------------------------------------
@@ -479,11 +497,12 @@ class DLFLM(HFLM):
     def _generation_trial(self, batch_size: int) -> None:
         """A step (a speculative round) after the prefill's, from prompts whose caches end as
         long as the widest request's can grow: its context and max_gen_toks new tokens, times
-        k with ``speculate=k`` (a round takes k cache slots per row and at worst keeps one).
+        k with ``speculate=k`` (a round takes k cache slots per row and at worst keeps one;
+        n + 1 with ``lookup=n`` where that is more).
         Nothing of a step outlives it but the caches, so the last step is the largest. Left
         padding keeps positions within max_length."""
         context, new, sampling = self._widest_generation or (self.max_length - self.max_gen_toks, self.max_gen_toks, Sampling())
-        k = max(self.speculate, 1)
+        k = self.round_width
         read = 2 if k == 1 else k  # slots after the prompt: a plain cache holds both tokens, a round reads k
         prompt = max(1, context + new * k - read)
         shown = max(1, min(prompt, context + new - read))  # prompt tokens not padding
@@ -669,9 +688,9 @@ class DLFLM(HFLM):
             stop_check=stop_check,
         )
         try:
-            if self.speculate <= 1:
+            if self.round_width == 1:
                 return self.engine.generate(context, attention_mask, sampling=sampling, **common)
-            return self.engine.generate_speculative(context, attention_mask, draft=self.speculate, sampling=sampling, **common)
+            return self.engine.generate_speculative(context, attention_mask, draft=max(self.speculate, 1), lookup=self.lookup, sampling=sampling, **common)
         finally:
             self.engine.observer = None
 
@@ -701,6 +720,7 @@ class DLFLM(HFLM):
                 "route": self.route,
                 **({"route_tokens": self.route_tokens} if self.route == "prompt" else {}),
                 **({"speculate": self.speculate} if self.speculate > 1 else {}),
+                **({"lookup": self.lookup} if self.lookup else {}),
                 "shots": self.shots,
                 "views": self._describe_views(),
                 **({"routes": dict(self.routes)} if self.routed else {}),

@@ -215,8 +215,8 @@ class Device(AllocationMeter):
         return out
 
 
-@pytest.mark.parametrize("speculate, sampled", [(0, False), (3, False), (3, True)])
-def test_auto_batch_size_for_generation_fits_the_generation(tiny_world, speculate, sampled):
+@pytest.mark.parametrize("speculate, lookup, sampled", [(0, 0, False), (3, 0, False), (3, 0, True), (0, 2, False)])
+def test_auto_batch_size_for_generation_fits_the_generation(tiny_world, speculate, lookup, sampled):
     """A generation's memory is mostly its KV caches, which a scoring trial never keeps (that
     trial chose batch 8 here, and the run ran out of memory); with speculate=k they can grow
     to k slots per generated token. On a device with room for batch 4 but not 8, batch size
@@ -224,13 +224,15 @@ def test_auto_batch_size_for_generation_fits_the_generation(tiny_world, speculat
     what it declares, whatever its inputs; the trial stands in for the solver by that.)
     Speculative greedy: not below 3. The trial plans for k slots per token (a round in which
     one row keeps all its drafts keeps k slots for every row), while here the rounds cut
-    nearly every refused draft (peak at batch 4: 0.456 MiB, plain 0.452, 0.589 uncut)."""
+    nearly every refused draft (peak at batch 4: 0.456 MiB, plain 0.452, 0.589 uncut). With
+    ``lookup=2`` alone, not below 2: the trial plans for n + 1 = 3 slots per token, while here
+    the copies of the repeating prompts are nearly all kept, and the runs hold less."""
     gen = {"until": [], "max_gen_toks": 12, **({"do_sample": True, "temperature": 1.0, "top_p": 0.9} if sampled else {})}
     requests = [Instance("generate_until", None, (LONG[i:], gen), i) for i in range(8)]  # cut to max_length - 12 tokens
 
     def lm(batch_size):
         return DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="dlf-grid", batch_size=batch_size,
-                     max_batch_size=8, max_length=48, speculate=speculate)
+                     max_batch_size=8, max_length=48, speculate=speculate, lookup=lookup)
 
     peaks = {}
     for batch in (1, 4, 8):
@@ -245,7 +247,7 @@ def test_auto_batch_size_for_generation_fits_the_generation(tiny_world, speculat
     auto._detect_batch_size = lambda *a, **k: chosen.append(detect(*a, **k)) or chosen[-1]
     with Device((peaks[4] + peaks[8]) // 2):
         texts = auto.generate_until(requests)
-    assert (3 if speculate and not sampled else 4) <= chosen[0] < 8
+    assert (2 if lookup else 3 if speculate and not sampled else 4) <= chosen[0] < 8
     if not sampled:
         assert texts == alone
 
@@ -447,16 +449,22 @@ def test_a_decoding_step_makes_one_device_transfer(tiny_world, solver, options):
 
 @pytest.mark.parametrize("solver,options", [("static", {}), ("dlf", {"schedule": "fixed"})])
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(do_sample=True, temperature=0.8, top_k=5)])
-def test_a_speculative_round_makes_one_device_transfer(tiny_world, solver, options, sampling):
+@pytest.mark.parametrize("lookup", [0, 4])
+def test_a_speculative_round_makes_one_device_transfer(tiny_world, solver, options, sampling, lookup):
     """Drafting, the k-position pass, the fusion and the acceptance rule (greedy or sampled)
-    stay on the device: one transfer a round, plus the prefill's."""
+    stay on the device: one transfer a round, plus the prefill's. With ``lookup``, the
+    prompts are read once more, before the prefill; copies are found on the host. Each
+    prompt ends in a token t that it has shown followed by every token: whatever a row's
+    first token x, it has a copy, and the first round is drafted by lookup alone."""
     lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver=solver, batch_size="4", **options)
-    context, mask = lm.tok_batch_encode([c for c, _ in CONTEXTS])
+    vocab = lm.engine.vocab_size
+    context = torch.tensor([[i for v in torch.randperm(vocab, generator=torch.Generator().manual_seed(t)).tolist() for i in (t, v)] + [t] for t in (5, 6, 7)])
     with count_syncs() as syncs:
-        out = lm.engine.generate_speculative(context, mask, 9, eos_token_id=-1, pad_token_id=0, draft=3, sampling=sampling)
+        out = lm.engine.generate_speculative(context, torch.ones_like(context), 9, eos_token_id=-1, pad_token_id=0, draft=3, sampling=sampling, lookup=lookup)
     assert out.shape[1] == context.shape[1] + 9
-    assert lm.engine.speculation["rounds"] >= 3
-    assert dict(syncs.calls) == {"tolist": lm.engine.speculation["rounds"] + 1}
+    stats = lm.engine.speculation
+    assert stats["rounds"] >= 3 and (stats["lookup_rounds"] > 0) == bool(lookup)
+    assert dict(syncs.calls) == {"tolist": stats["rounds"] + 1 + bool(lookup)}
 
 
 def test_half_precision_heads_give_float32_logits_not_rounded_ones(tiny_world):

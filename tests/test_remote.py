@@ -264,6 +264,7 @@ def test_bad_server_entries_are_named_before_anything_loads(tmp_path, tiny_world
     "args,message",
     [
         (dict(experts="a1", speculate=3), r"speculate=3: the large model large is behind a server"),
+        (dict(experts="a1", lookup=4), r"lookup=4: the large model large is behind a server"),
         (dict(experts=""), r"behind a server and no expert pair is chosen"),
     ],
 )

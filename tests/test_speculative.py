@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import transformers
 from lm_eval.api.instance import Instance
 
 import reference
-from dlf_plugin.engine import Sampling, speculative_choice
+from dlf_plugin.engine import Sampling, _Lookup, speculative_choice
 from dlf_plugin.lm import DLFLM
 from dlf_plugin.registry import RegistryError
 
@@ -37,6 +38,32 @@ def toy_requests(count: int, until=("\n",), max_gen_toks: int = 12):
         rows += [prompt.format(json.loads(line)["entity"]) for line in lines]
     kwargs = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False}
     return [Instance("generate_until", None, (text, dict(kwargs)), i) for i, text in enumerate(rows)]
+
+
+def shown_requests(count: int, until=("?",), max_gen_toks: int = 24):
+    """Like ``toy_requests``, each prompt after one solved example of its task (the next dev
+    kingdom's): a context to copy drafts from. The stop "?" ends rows at the next question
+    the models write, at different places."""
+    rows = []
+    for task, prompt in PROMPTS.items():
+        docs = [json.loads(line) for line in (REPO / "tasks" / "toy" / "data" / "dev" / f"{task}.jsonl").read_text().splitlines()[: count + 1]]
+        rows += [f"{prompt.format(shown['entity'])} {shown['answer']}\n{prompt.format(doc['entity'])}" for doc, shown in zip(docs, docs[1:])]
+    kwargs = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False}
+    return [Instance("generate_until", None, (text, dict(kwargs)), i) for i, text in enumerate(rows)]
+
+
+def speculation_totals(lm: DLFLM) -> dict:
+    """The engine's speculation counts, summed over every generate call of ``lm`` from now."""
+    totals = collections.Counter()
+    generate = lm.engine.generate_speculative
+
+    def counting(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        totals.update(lm.engine.speculation)
+        return out
+
+    lm.engine.generate_speculative = counting
+    return totals
 
 
 def example_solver():
@@ -81,6 +108,76 @@ def test_same_tokens_as_plain_fused_greedy_with_ragged_batches_and_stop_strings(
         assert 0 < totals["accepted"] < totals["drafted"]
 
 
+def _earliest_copy(tokens: list[int], length: int) -> list[int]:
+    """Brute force: the ``length`` tokens that followed the earliest earlier occurrence of
+    the last three tokens, else of the last two; none without one."""
+    for n in (3, 2):
+        for start in range(len(tokens) - n):
+            if tokens[start : start + n] == tokens[-n:]:
+                return tokens[start + n : start + n + length]
+    return []
+
+
+def test_lookup_copies_what_followed_the_earliest_earlier_occurrence():
+    """``_Lookup``'s tables, built as tokens arrive, against a scan of the whole context:
+    300 random sequences over 2-6 token ids, asked after every token."""
+    rng = random.Random(0)
+    for _ in range(300):
+        vocab = rng.randint(2, 6)
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(0, 10))]
+        lookup = _Lookup(tokens)
+        for _ in range(25):
+            for length in (1, 3, 8):
+                assert lookup.chain(length) == _earliest_copy(tokens, length), (tokens, length)
+            tokens.append(rng.randrange(vocab))
+            lookup.append(tokens[-1])
+
+
+@pytest.mark.parametrize("solver", ["static", "dlf-grid", "dlf", "plugin"])
+def test_lookup_drafts_give_the_tokens_of_plain_fused_greedy(solver, monkeypatch):
+    """``lookup=4`` with speculate=3 (the expert drafts where a row has no copy) and with
+    speculate=1 (copies only, rows without one drafting placeholders): 16 prompts after a
+    solved example, in batches of 8, each row stopping at its own place: the texts equal
+    plain decoding's; copies were drafted, both kept and refused. (Whether they save
+    rounds is the bench's to say: in a batch a round lasts as long as its slowest row.)"""
+    if solver == "plugin":
+        from dlf_plugin import hooks
+
+        monkeypatch.setattr(hooks, "get_solvers", lambda: {"agreement": (example_solver(), "example")})
+        solver = "agreement"
+    plain = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8)
+    expected = plain.generate_until(shown_requests(4))
+    assert len({len(text) for text in expected}) > 2
+    for k, n in ((3, 4), (1, 4)):
+        fast = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8, speculate=k, lookup=n)
+        totals = speculation_totals(fast)
+        assert fast.generate_until(shown_requests(4)) == expected, (k, n)
+        recorded = fast.get_model_info()["dlf"]  # what produced the results
+        assert (recorded.get("speculate"), recorded.get("lookup")) == (k if k > 1 else None, n or None)
+        # Copies were drafted, some kept and some refused (speculate=1: every draft a copy).
+        assert totals["copied"] > 0 and 0 < totals["accepted"] < totals["drafted"], (k, n, totals)
+        if k == 1:  # rounds drafted by copies alone, the rows without one drafting placeholders
+            assert totals["lookup_rounds"] > 0, totals
+
+
+def test_rows_with_copies_feed_them_in_rounds_the_expert_drafts(monkeypatch):
+    """A row whose lookup never finds a copy (patched) leaves every round to the expert: the
+    other rows feed their copied tokens in it and the expert's choices past them. Greedy
+    tokens equal plain decoding's."""
+    lm = DLFLM(registry="toy", experts="qa", batch_size=4)
+    prompts = [request.args[0] for request in shown_requests(1)]
+    context, mask = lm.tok_batch_encode(prompts)
+    expected = lm.engine.generate(context, mask, 20, Sampling(), -1, 0)
+    made = []
+    init, chain = _Lookup.__init__, _Lookup.chain
+    monkeypatch.setattr(_Lookup, "__init__", lambda self, tokens: made.append(self) or init(self, tokens))
+    monkeypatch.setattr(_Lookup, "chain", lambda self, length: [] if self is made[0] else chain(self, length))
+    out = lm.engine.generate_speculative(context, mask, 20, -1, 0, draft=3, lookup=4)
+    assert out.tolist() == expected.tolist()
+    stats = lm.engine.speculation
+    assert stats["lookup_rounds"] == 0 and stats["copied"] > 0 and 0 < stats["accepted"] < stats["drafted"]
+
+
 def test_same_tokens_as_plain_when_each_request_is_routed_to_its_own_pair():
     """experts=all with route=prompt: requests of four tasks go to different pairs (engines),
     each drafting with its own first pair's expert; the texts equal plain decoding's."""
@@ -102,13 +199,19 @@ def test_k_one_is_plain_decoding_one_large_pass_per_token(tiny_world):
     assert plain.engine.speculation["rounds"] == out.shape[1] - context.shape[1] - 1
 
 
-def test_masked_drafts_equal_recomputing_every_prefix(tiny_world, tiny_models_loaded):
+REPEATING = "the quick brown fox jumps. the quick brown"  # copies to draft from
+
+
+@pytest.mark.parametrize("lookup", [0, 3])
+def test_masked_drafts_equal_recomputing_every_prefix(tiny_world, tiny_models_loaded, lookup):
     """Rejected drafts stay in the caches, masked: the tokens equal a brute force that
-    recomputes every prefix from scratch in float64 (static weights, two pairs, k = 3)."""
+    recomputes every prefix from scratch in float64 (static weights, two pairs, k = 3; with
+    ``lookup=3`` rounds of other widths, drafted by lookup alone or in part)."""
     lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="static", batch_size=4)
-    prompts = ["The river Tesh flows", "Question: What is the capital of Varn?\nAnswer:", "Lorem"]
+    prompts = ["The river Tesh flows", "Question: What is the capital of Varn?\nAnswer:", "Lorem", REPEATING]
     context, mask = lm.tok_batch_encode(prompts)
-    out = lm.engine.generate_speculative(context, mask, 12, lm.eot_token_id, 0, draft=3)
+    out = lm.engine.generate_speculative(context, mask, 12, lm.eot_token_id, 0, draft=3, lookup=lookup)
+    assert (lm.engine.speculation["copied"] > 0) == bool(lookup)
     pairs = [("expert-a1", "small-a", 1.0), ("expert-b", "small-b", 1.0)]
     for row, prompt in enumerate(prompts):
         expected = reference.greedy_tokens(tiny_models_loaded, "large", pairs, lm.tok_encode(prompt), lm.engine.vocab_size, 12, lm.eot_token_id)
@@ -116,11 +219,15 @@ def test_masked_drafts_equal_recomputing_every_prefix(tiny_world, tiny_models_lo
         assert got == expected, (prompt, got, expected)
 
 
-def test_columns_no_row_kept_are_cut_from_the_caches(tiny_world):
+@pytest.mark.parametrize("lookup", [0, 3])
+def test_columns_no_row_kept_are_cut_from_the_caches(tiny_world, lookup):
     """After each round, the cache slots past the most any row kept are cut (a row's other
     refused drafts stay, masked): alone, a row's caches hold no refused draft; in a batch,
-    every slot past the prompts serves some row. Every pass's 2D mask shows it (the mask
-    covers every slot of the caches it reads). The tokens are plain decoding's."""
+    every slot past the prompts serves some row; and once the other rows stopped, a row's
+    caches hold no refused draft, as alone (a stopped row's count of drafts kept is
+    meaningless, and counts for nothing). Every pass's 2D mask shows it (the mask covers
+    every slot of the caches it reads). The tokens are plain decoding's. With ``lookup=3``,
+    rounds of 2 to 4 positions, drafted by lookup alone or not."""
     lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="static", batch_size=4)
     masks = []
     for backend in {id(b): b for b in lm.engine.models.values()}.values():
@@ -131,19 +238,26 @@ def test_columns_no_row_kept_are_cut_from_the_caches(tiny_world):
             return hidden(ids, mask, *args, **kwargs)
 
         backend.hidden = recording
-    prompts = ["The river Tesh flows", "Question: What is the capital of Varn?\nAnswer:", "Lorem", "the quick brown fox"]
-    for rows in (prompts[:1], prompts):
+    prompts = [REPEATING, "Question: What is the capital of Varn?\nAnswer:", "Lorem", "The river Tesh flows"]
+    all_but_first = lambda rows, generated: set(rows) - {0}  # noqa: E731 - rows 1-3 stop at their first token
+    for rows, stop in ((prompts[:1], None), (prompts, None), (prompts, all_but_first)):
         masks.clear()
         context, mask = lm.tok_batch_encode(rows)
-        plain = lm.engine.generate(context, mask, 12, Sampling(), lm.eot_token_id, 0)
+        plain = lm.engine.generate(context, mask, 12, Sampling(), lm.eot_token_id, 0, stop_check=stop)
         masks.clear()
-        out = lm.engine.generate_speculative(context, mask, 12, lm.eot_token_id, 0, draft=3)
+        out = lm.engine.generate_speculative(context, mask, 12, lm.eot_token_id, 0, draft=3, lookup=lookup, stop_check=stop)
         assert out.tolist() == plain.tolist()
-        assert lm.engine.speculation["accepted"] < lm.engine.speculation["drafted"]  # drafts were refused
+        stats = lm.engine.speculation
+        assert stats["accepted"] < stats["drafted"]  # drafts were refused
+        assert (stats["copied"] > 0) == bool(lookup)
+        if len(rows) == 1:
+            assert (stats["lookup_rounds"] > 0) == bool(lookup)
         width = context.shape[1]
         for seen in masks:
             if len(rows) == 1:
                 assert bool(seen.all())
+            elif stop:
+                assert bool(seen[0, width:].all())
             else:
                 assert bool(seen[:, width:].any(0).all())
 
@@ -178,22 +292,32 @@ def test_speculative_choice_draws_from_the_target_whatever_the_proposal():
     assert alone.shape == (n, 1) and not none.any() and tv(alone[:, 0], target[0]) < 0.01
 
 
-def test_sampled_speculation_draws_the_fused_distribution():
+SHOWN = "Question: What is the capital of Voustunia?\nAnswer: Driszaim\n"  # the same question solved: drafts to copy
+
+
+@pytest.mark.parametrize("draft, lookup", [(3, 0), (3, 2), (1, 2)])
+def test_sampled_speculation_draws_the_fused_distribution(draft, lookup):
     """Toy world (pair qa, static weights), one prompt 4,000 times, temperature 1 and top-k 3,
     k = 3: the first three tokens' joint frequencies match the exact fused distribution
     computed in float64 from scratch for each prefix (27 sequences). Keeping every draft
     (0.17) or drawing a refused draft's replacement from p instead of max(0, p - q) (0.06)
-    fails the bound; sampling noise is about 0.02."""
+    fails the bound; sampling noise is about 0.02. With ``lookup=2`` the prompt follows the
+    same question solved, so rows whose first token starts that answer copy drafts (a
+    copied draft's proposal: the token itself): with k = 3 in rounds the expert drafts for
+    the other rows; with k = 1 in rounds of copies alone, the other rows drafting
+    placeholders."""
     torch.manual_seed(0)
     lm = DLFLM(registry="toy", experts="qa", solver="static", batch_size=1)
     names = ("large-base", "small-base", "expert-qa")
     models = {n: transformers.AutoModelForCausalLM.from_pretrained(REPO / "models" / "toy" / n).eval() for n in names}
-    prompt = lm.tok_encode(PROMPTS["toy_qa"].format("Voustunia"))
+    prompt = lm.tok_encode((SHOWN if lookup else "") + PROMPTS["toy_qa"].format("Voustunia"))
     draws = 4000
     ids = torch.tensor([prompt] * draws)
     sampling = Sampling(do_sample=True, temperature=1.0, top_k=3)
-    out = lm.engine.generate_speculative(ids, torch.ones_like(ids), 3, -1, 0, draft=3, sampling=sampling)
-    assert 0 < lm.engine.speculation["accepted"] < lm.engine.speculation["drafted"]
+    out = lm.engine.generate_speculative(ids, torch.ones_like(ids), 3, -1, 0, draft=draft, sampling=sampling, lookup=lookup)
+    stats = lm.engine.speculation
+    assert 0 < stats["accepted"] < stats["drafted"], stats
+    assert (stats["copied"] > 0) == bool(lookup) and (stats["lookup_rounds"] > 0) == (draft == 1), stats
     counts = collections.Counter(tuple(row) for row in out[:, len(prompt) :].tolist())
 
     def top3(tokens):
@@ -231,6 +355,11 @@ def test_bad_speculate_values_are_refused(tiny_world):
         DLFLM(registry=str(tiny_world["registry"]), experts="", speculate=2)
     with pytest.raises(RegistryError, match="speculate"):
         DLFLM(registry=str(tiny_world["registry"]), experts="a1", speculate="two")
+    with pytest.raises(RegistryError, match="lookup drafts for speculative decoding, which needs at least one expert pair"):
+        DLFLM(registry=str(tiny_world["registry"]), experts="", lookup=4)
+    for bad in ("-1", "four", 2.5, True):
+        with pytest.raises(RegistryError, match="model_args lookup="):
+            DLFLM(registry=str(tiny_world["registry"]), experts="a1", speculate=3, lookup=bad)
 
 
 def test_trace_marks_each_token_drafted_or_not_and_matches_plain_traces(tmp_path):
