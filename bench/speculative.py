@@ -1,16 +1,18 @@
 """Speculative fused decoding against plain fused decoding and the large model alone, on the
 toy world's tasks through lm-eval.
 
-    python bench/speculative.py [--split dev|test] [--drafts 2 3 4 6] [--batches 1 8] [--limit 100] [--long]
-                                [--device cpu|cuda] [--temperature T]
+    python bench/speculative.py [--split dev|test] [--drafts 2 3 4 6] [--lookups 0 8] [--batches 1 8] [--limit 100]
+                                [--long] [--device cpu|cuda] [--temperature T]
 
-Each seen task is fused with its own pair (its expert drafts). Per batch size and k: the
+Each seen task is fused with its own pair (its expert drafts). Per batch size and
+configuration (k = ``speculate``, each with every ``lookup`` n of ``--lookups``; 0: off): the
 drafts accepted, large-model forward passes per generated token (prefill included, counted
 by a hook on the large model's body), and wall time per generated token against plain fused
 decoding and against the large model alone (lm-eval's HFLM), timed in turns in one process.
 Every greedy speculative run's texts are compared with plain decoding's (a target counts those
-unlike). The best k is chosen on ``--split dev``; ``--split test`` only reports (``--drafts``
-then takes the chosen k).
+unlike). The best configuration is chosen on ``--split dev`` (the fastest at each batch size);
+``--split test`` only reports: its targets are the first configuration's (``--drafts`` and
+``--lookups`` then start with the one chosen on dev), the others are shown beside it.
 ``--temperature T`` (with ``--long``) samples instead: texts differ from plain decoding's and
 are not compared (tests/test_speculative.py checks the distribution); times per token still
 divide by the speculative runs' token count, 32 per prompt unless a row draws EOS.
@@ -91,6 +93,14 @@ class Clock:
         setattr(obj, attr, timed)
 
 
+def label(config) -> str:
+    """How a run is named: plain fused, or its model_args speculate and lookup."""
+    if not config:
+        return "plain fused"
+    k, n = config
+    return f"speculate={k}" + (f",lookup={n}" if n else "")
+
+
 PARTS = ("drafter", "large", "small base", "heads", "solver+fusion")
 
 
@@ -101,7 +111,7 @@ def parts(lm, task: str, manager, limit, gen_kwargs, device: str, pair) -> colle
         clock.wrap(model, "hidden", "drafter" if name == pair.expert else "large" if name == engine.large else "small base")
     clock.wrap(engine, "_logits", "heads")
     clock.wrap(engine, "_fuse_rows", "solver+fusion")
-    clock.wrap(engine, "generate_speculative" if lm.speculate > 1 else "generate", "total")
+    clock.wrap(engine, "generate_speculative" if lm.round_width > 1 else "generate", "total")
     run(lm, task, manager, limit, gen_kwargs)
     clock.seconds["rest"] = clock.seconds["total"] - sum(clock.seconds[p] for p in PARTS)
     return clock.seconds
@@ -111,6 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=["dev", "test"], default="test")
     ap.add_argument("--drafts", type=int, nargs="+", default=[3])
+    ap.add_argument("--lookups", type=int, nargs="+", default=[0], help="model_args lookup values, each with every k")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--limit", type=int, default=100, help="questions per task")
     ap.add_argument("--repeats", type=int, default=3)
@@ -122,6 +133,7 @@ def main() -> None:
         ap.error("--temperature needs --long (sampled answer lines end at different lengths)")
     gen_kwargs = {**LONG, **({"do_sample": True, "temperature": args.temperature} if args.temperature else {})} if args.long else None
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    configs = [(k, n) for k in args.drafts for n in args.lookups]  # (speculate, lookup)
     torch.manual_seed(0)
     registry = load_registry("toy")
     manager = TaskManager(include_path=str(REPO / "tasks" / "toy"))
@@ -133,12 +145,12 @@ def main() -> None:
     differing = collections.Counter()  # greedy speculative texts unlike plain decoding's, per batch size
     for batch in args.batches:
         large = HFLM(pretrained=registry.models[registry.large].location, device=args.device, dtype="float32", batch_size=batch)
-        rows, spent = {}, {k: collections.Counter() for k in [0, *args.drafts]}
+        rows, spent = {}, {k: collections.Counter() for k in [0, *configs]}
         for pair, task in tasks.items():
             lms = {0: DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device)}
-            lms.update({k: DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device, speculate=k) for k in args.drafts})
+            lms.update({(k, n): DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device, speculate=k, lookup=n) for k, n in configs})
             counters = {k: Passes(lm.engine.models[registry.large].model) for k, lm in lms.items()}
-            stats = {k: dict(drafted=0, accepted=0, tokens=0) for k in args.drafts}
+            stats = {k: dict(drafted=0, accepted=0, tokens=0, rounds=0, lookup_rounds=0) for k in configs}
             calls = dict.fromkeys(lms, 0)  # generate calls: one prefill pass of the large model each
             for k, lm in lms.items():
                 name = "generate_speculative" if k else "generate"
@@ -162,12 +174,12 @@ def main() -> None:
                 _, seconds = run(large, task, manager, args.limit, gen_kwargs)
                 times["large"].append(seconds)
             if not args.temperature:  # greedy: the same texts as plain decoding (reported, not asserted: a run goes on)
-                for k in args.drafts:
+                for k in configs:
                     differing[batch] += sum(a != b for a, b in zip(texts[k], texts[0]))
             for k, lm in lms.items():
                 spent[k].update(parts(lm, task, manager, args.limit, gen_kwargs, args.device, registry.pairs[pair]))
             # Tokens per run: the speculative engine counts them (the same tokens as plain).
-            k0 = args.drafts[0]
+            k0 = configs[0]
             tokens = stats[k0]["tokens"] / args.repeats
             per = {k: statistics.median(t) / tokens for k, t in times.items()}
             # Large passes per token: all of them (a prefill per batch included), and in the
@@ -175,41 +187,43 @@ def main() -> None:
             # Per sequence: against plain fused decoding, which makes one pass per token and
             # sequence (a batched pass serves every row of its batch); at batch 1, per token.
             rows[task] = (tokens, per, {k: counters[k].count / counters[0].count for k in lms},
-                          {k: stats[k]["accepted"] / max(1, stats[k]["drafted"]) for k in args.drafts},
+                          {k: stats[k]["accepted"] / max(1, stats[k]["drafted"]) for k in configs},
                           {k: (counters[k].count - calls[k]) / (counters[0].count - calls[0]) for k in lms},
-                          {k: (counters[k].count, calls[k]) for k in lms})
+                          {k: (counters[k].count, calls[k]) for k in lms},
+                          {k: stats[k]["lookup_rounds"] / max(1, stats[k]["rounds"]) for k in configs})
         print(f"\nbatch {batch}: ms per generated token (lm-eval end to end); large-model passes per token and sequence (plain "
               "fused decoding: 1), in all and after each request's first token (its prefill's); drafts accepted")
-        for task, (tokens, per, passes, accept, decoding, _) in rows.items():
+        for task, (tokens, per, passes, accept, decoding, _, lookups) in rows.items():
             print(f"  {task:<14} {tokens:6.0f} tokens  plain fused {per[0] * 1e3:6.2f}  large alone {per['large'] * 1e3:6.2f}  "
                   f"large passes {passes[0]:.2f} ({decoding[0]:.2f} after the first)")
-            for k in args.drafts:
-                print(f"      speculate={k}: {per[k] * 1e3:6.2f} ms ({per[k] / per[0]:.2f}x plain, {per[k] / per['large']:.2f}x large alone), "
-                      f"large passes {passes[k]:.2f} ({decoding[k]:.2f} after the first), {100 * accept[k]:.0f}% of drafts accepted")
-        for k in args.drafts:
+            for k in configs:
+                print(f"      {label(k)}: {per[k] * 1e3:6.2f} ms ({per[k] / per[0]:.2f}x plain, {per[k] / per['large']:.2f}x large alone), "
+                      f"large passes {passes[k]:.2f} ({decoding[k]:.2f} after the first), {100 * accept[k]:.0f}% of drafts accepted"
+                      + (f", {100 * lookups[k]:.0f}% of rounds drafted by lookup alone" if k[1] else ""))
+        for k in configs:
             passes = sum(r[5][k][0] for r in rows.values()) / sum(r[5][0][0] for r in rows.values())
             after_first = sum(r[5][k][0] - r[5][k][1] for r in rows.values()) / sum(r[5][0][0] - r[5][0][1] for r in rows.values())
             ratio = sum(r[0] * r[1][k] for r in rows.values()) / sum(r[0] * r[1][0] for r in rows.values())
             vs_large = sum(r[0] * r[1][k] for r in rows.values()) / sum(r[0] * r[1]["large"] for r in rows.values())
-            print(f"  all tasks, speculate={k}: {ratio:.3f}x plain fused, {vs_large:.3f}x large alone, {passes:.3f} large passes "
+            print(f"  all tasks, {label(k)}: {ratio:.3f}x plain fused, {vs_large:.3f}x large alone, {passes:.3f} large passes "
                   f"per token and sequence ({after_first:.3f} after each request's first token)")
             best.setdefault(batch, {})[k] = (passes, ratio, after_first)
         tokens = sum(r[0] for r in rows.values())
         print(f"  where the time goes, ms per generated token (one more run of each, timed call by call):\n"
-              f"  {'':<14}" + "".join(f"{p:>15}" for p in (*PARTS, "rest", "total")))
+              f"  {'':<24}" + "".join(f"{p:>15}" for p in (*PARTS, "rest", "total")))
         for k, seconds in spent.items():
-            print(f"  {'plain fused' if k == 0 else f'speculate={k}':<14}" + "".join(f"{seconds[p] / tokens * 1e3:15.2f}" for p in (*PARTS, "rest", "total")))
+            print(f"  {label(k):<24}" + "".join(f"{seconds[p] / tokens * 1e3:15.2f}" for p in (*PARTS, "rest", "total")))
         forwards = {k: sum(seconds[p] for p in PARTS[:3]) for k, seconds in spent.items()}
-        for k in args.drafts:
-            print(f"  speculate={k}: the models' forward calls alone take {forwards[k] / forwards[0]:.2f}x plain fused's: the time "
+        for k in configs:
+            print(f"  {label(k)}: the models' forward calls alone take {forwards[k] / forwards[0]:.2f}x plain fused's: the time "
                   "ratio if the heads, the solver and the rest cost nothing")
     sampled = f"_sampled_t{args.temperature:g}" if args.temperature else ""  # the issue's targets are greedy's
     if not args.temperature:
         for batch in args.batches:
             ok &= target(f"speculative_texts_unlike_plain_batch{batch}", differing[batch], 0)
     for batch, by_k in best.items():
-        k = min(by_k, key=lambda k: by_k[k][1])
-        print(f"\nbatch {batch}: fastest k = {k}")
+        k = min(by_k, key=lambda k: by_k[k][1]) if args.split == "dev" else configs[0]
+        print(f"\nbatch {batch}: {'fastest' if args.split == 'dev' else 'chosen on dev'}: {label(k)}")
         ok &= target(f"speculative_large_passes_per_token_batch{batch}{sampled}", by_k[k][0], 0.5)
         print(f"  (decoding phase only, after each request's first token: {by_k[k][2]:.3f})")
         if batch == 1:
