@@ -522,11 +522,11 @@ class FusionEngine:
         running row has such a copy, or some row has one and ``draft`` is 1, the copies
         alone draft the round: every model, the drafter included, reads x and the copies in
         one pass, and the round fuses 1 + the shortest copy's length positions (a row
-        without a copy drafts placeholders). Otherwise the
-        drafter drafts as above, a row with a copy feeding its copied tokens (up to k - 1)
-        and the drafter's choices past them. A copied draft's proposal q is the token itself
-        (probability 1): the rule keeps it with probability p(d) and is exact with it as
-        with any proposal. The prompts are read to the host once, before the prefill.
+        without a copy drafts placeholders). Otherwise the drafter drafts as above, a row
+        with a copy feeding its copied tokens (up to k - 1) and the drafter's choices past
+        them. A copied draft's proposal q is the token itself (probability 1): the rule
+        keeps it with probability p(d) and is exact with it as with any proposal. The
+        prompts are read to the host once, before the prefill.
 
         Returns:
             ``[B, L + n]`` as ``generate``.

@@ -263,7 +263,7 @@ class DLFLM(HFLM):
         """The most positions a decoding step (a speculative round) reads per row, and so the
         most cache slots a generated token can take: 1 decoding plainly; k with
         ``speculate=k``, n + 1 with ``lookup=n``, whichever is more."""
-        return max(self.speculate, self.lookup + 1 if self.lookup else 1, 1)
+        return max(self.speculate, self.lookup + 1)
 
     # -- prompt format ----------------------------------------------------------------------
 
