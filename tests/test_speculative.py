@@ -93,16 +93,7 @@ def test_same_tokens_as_plain_fused_greedy_with_ragged_batches_and_stop_strings(
     assert len({len(text) for text in expected}) > 2
     for k in (2, 4):
         fast = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8, speculate=k, **options)
-        totals = {"accepted": 0, "drafted": 0}
-        generate = fast.engine.generate_speculative
-
-        def counting(*args, generate=generate, engine=fast.engine, **kwargs):
-            out = generate(*args, **kwargs)
-            for key in totals:
-                totals[key] += engine.speculation[key]
-            return out
-
-        fast.engine.generate_speculative = counting
+        totals = speculation_totals(fast)
         assert fast.generate_until(toy_requests(4, until=("\n", "e"))) == expected
         # Drafts were accepted, and some rejected: both paths ran.
         assert 0 < totals["accepted"] < totals["drafted"]
