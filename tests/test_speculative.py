@@ -29,27 +29,23 @@ PROMPTS = {  # the toy tasks' prompts (tasks/toy/*.yaml)
 }
 
 
-def toy_requests(count: int, until=("\n",), max_gen_toks: int = 12):
+def toy_requests(count: int, until=("\n",), max_gen_toks: int = 12, shown: bool = False):
     """Dev kingdoms' prompts of every seen task, interleaved (ragged lengths, rows that agree
-    with the drafter more or less)."""
-    rows = []
-    for task, prompt in PROMPTS.items():
-        lines = (REPO / "tasks" / "toy" / "data" / "dev" / f"{task}.jsonl").read_text().splitlines()[:count]
-        rows += [prompt.format(json.loads(line)["entity"]) for line in lines]
-    kwargs = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False}
-    return [Instance("generate_until", None, (text, dict(kwargs)), i) for i, text in enumerate(rows)]
-
-
-def shown_requests(count: int, until=("?",), max_gen_toks: int = 24):
-    """Like ``toy_requests``, each prompt after one solved example of its task (the next dev
-    kingdom's): a context to copy drafts from. The stop "?" ends rows at the next question
-    the models write, at different places."""
+    with the drafter more or less). ``shown``: each prompt after one solved example of its
+    task (the next dev kingdom's), a context to copy drafts from."""
     rows = []
     for task, prompt in PROMPTS.items():
         docs = [json.loads(line) for line in (REPO / "tasks" / "toy" / "data" / "dev" / f"{task}.jsonl").read_text().splitlines()[: count + 1]]
-        rows += [f"{prompt.format(shown['entity'])} {shown['answer']}\n{prompt.format(doc['entity'])}" for doc, shown in zip(docs, docs[1:])]
+        for doc, solved in zip(docs[:count], docs[1:]):
+            rows.append((f"{prompt.format(solved['entity'])} {solved['answer']}\n" if shown else "") + prompt.format(doc["entity"]))
     kwargs = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False}
     return [Instance("generate_until", None, (text, dict(kwargs)), i) for i, text in enumerate(rows)]
+
+
+def shown_requests(count: int):
+    """``toy_requests`` after solved examples, stopping at "?": rows end at the next question
+    the models write, at different places."""
+    return toy_requests(count, until=("?",), max_gen_toks=24, shown=True)
 
 
 def speculation_totals(lm: DLFLM) -> dict:
