@@ -149,20 +149,34 @@ def test_lookup_drafts_give_the_tokens_of_plain_fused_greedy(solver, monkeypatch
 
 def test_rows_with_copies_feed_them_in_rounds_the_expert_drafts(monkeypatch):
     """A row whose lookup never finds a copy (patched) leaves every round to the expert: the
-    other rows feed their copied tokens in it and the expert's choices past them. Greedy
+    other rows feed their copied tokens in it (what the large model reads at a round's
+    drafted positions is each such row's copy) and the expert's choices past them. Greedy
     tokens equal plain decoding's."""
     lm = DLFLM(registry="toy", experts="qa", batch_size=4)
     prompts = [request.args[0] for request in shown_requests(1)]
     context, mask = lm.tok_batch_encode(prompts)
     expected = lm.engine.generate(context, mask, 20, Sampling(), -1, 0)
-    made = []
+    made, copies, read = [], [], []
     init, chain = _Lookup.__init__, _Lookup.chain
+
+    def copying(self, length):
+        found = [] if self is made[0] else chain(self, length)
+        copies.append((len(read), made.index(self), found))  # the large pass this round makes next
+        return found
+
     monkeypatch.setattr(_Lookup, "__init__", lambda self, tokens: made.append(self) or init(self, tokens))
-    monkeypatch.setattr(_Lookup, "chain", lambda self, length: [] if self is made[0] else chain(self, length))
+    monkeypatch.setattr(_Lookup, "chain", copying)
+    large = lm.engine.models[lm.engine.large]
+    hidden = large.hidden
+    monkeypatch.setattr(large, "hidden", lambda ids, *a, **k: read.append(ids.tolist()) or hidden(ids, *a, **k))
     out = lm.engine.generate_speculative(context, mask, 20, -1, 0, draft=3, lookup=4)
     assert out.tolist() == expected.tolist()
     stats = lm.engine.speculation
     assert stats["lookup_rounds"] == 0 and stats["copied"] > 0 and 0 < stats["accepted"] < stats["drafted"]
+    # After the prefill, one large pass a round, reading x and two drafts per row.
+    assert len(read) == stats["rounds"] + 1 and all(len(row) == 3 for ids in read[1:] for row in ids)
+    fed = [(read[at][row][1:], found[:2]) for at, row, found in copies if found]
+    assert fed and all(drafts[: len(copy)] == copy for drafts, copy in fed)
 
 
 def test_same_tokens_as_plain_when_each_request_is_routed_to_its_own_pair():
