@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dlf_plugin.backends import LocalModel, ModelFault
-from dlf_plugin.fusion import FusionInputs, dlf_loss
+from dlf_plugin.fusion import FusionInputs, dlf_loss, never_chosen
 from dlf_plugin.solvers.base import DeclaredMemory, Solver, checked_solve, explain_bad_weights
 
 def _untracked(method):
@@ -238,18 +238,23 @@ class FusionEngine:
         faults = torch.stack([~self.models[name].logits(hidden[name], out=out).sum().isfinite() for name, out in slots])
         return (base, bases, experts), faults
 
-    def _fuse_rows(self, logits: tuple[torch.Tensor, ...], row_mask: torch.Tensor) -> tuple[Fused, torch.Tensor]:
-        """Solve and fuse N rows from ``_logits``' stacks; returns the result and a device-side
-        count of solver weights that break its contract (read later)."""
+    def _inputs(self, logits: tuple[torch.Tensor, ...], row_mask: torch.Tensor) -> FusionInputs:
+        """The solver's inputs from ``_logits``' stacks: each pair's small base and expert, in
+        pair order."""
         base, bases, experts = logits
-        n, v = base.shape
         if not self.pairs:
-            empty = base.new_zeros(n, 0, v)
-            inputs = FusionInputs(base, empty, empty, row_mask)
-            return Fused(base, base.new_zeros(n, 0), inputs, self.pair_names), base.new_zeros((), dtype=torch.long)
+            empty = base.new_zeros(base.shape[0], 0, base.shape[1])
+            return FusionInputs(base, empty, empty, row_mask)
         small = bases if self._bases_in_pair_order else bases.index_select(1, self._pair_base)  # [N, P, V]
         expert = experts if self._experts_in_pair_order else experts.index_select(1, self._pair_expert)
-        inputs = FusionInputs(base, small, expert, row_mask)
+        return FusionInputs(base, small, expert, row_mask)
+
+    def _fuse_rows(self, inputs: FusionInputs) -> tuple[Fused, torch.Tensor]:
+        """Solve and fuse the N rows of ``_inputs``; returns the result and a device-side
+        count of solver weights that break its contract (read later)."""
+        base, small, expert = inputs.base_logits, inputs.small_logits, inputs.expert_logits
+        if not self.pairs:
+            return Fused(base, base.new_zeros(base.shape[0], 0), inputs, self.pair_names), base.new_zeros((), dtype=torch.long)
         weights, bad = checked_solve(self.solver, self.plugin, inputs)
         # z_L + sum_k w_k z_Ek - sum_k w_k z_Sk, without materialising the deltas.
         w = weights.to(base.dtype).unsqueeze(1)  # [N, 1, P]
@@ -318,7 +323,7 @@ class FusionEngine:
             for start in range(0, m, step):
                 rows = slice(start, min(start + step, m))
                 logits, faults = self._logits({name: h[rows] for name, h in hidden.items()})
-                fused, bad = self._fuse_rows(logits, torch.ones(rows.stop - start, dtype=torch.bool, device=self.device))
+                fused, bad = self._fuse_rows(self._inputs(logits, torch.ones(rows.stop - start, dtype=torch.bool, device=self.device)))
                 flags = torch.cat([faults.long(), bad.view(1)]).tolist()  # one transfer per chunk
                 if any(flags):
                     self.raise_faults(flags[:-1], flags[-1], fused)
@@ -443,7 +448,7 @@ class FusionEngine:
                     ids, mask, positions = reads[self.view_of[name]]
                     hidden[name] = self.models[name].hidden(ids, mask, positions, caches[name], last=1)[:, -1]
                 logits, model_faults = self._logits(hidden)
-                fused, bad = self._fuse_rows(logits, ~done)
+                fused, bad = self._fuse_rows(self._inputs(logits, ~done))
                 next_ids = choose_tokens(fused.logits, sampling)
                 next_ids = torch.where(done, pad_token_id, next_ids)
                 out[:, prompt_len + steps - 1] = next_ids
@@ -637,7 +642,7 @@ class FusionEngine:
                 for name in self.forward_order:
                     if name not in hidden:
                         hidden[name] = self.models[name].hidden(fed, *reads[self.view_of[name]], caches[name])
-                fused, flags = self._fuse_round(hidden, running.repeat_interleave(width))
+                fused, flags = self._fuse_round(hidden, running, None if sampling.do_sample else fed[:, 1:])
                 self.speculation["rounds"] += 1
                 self.speculation["lookup_rounds"] += by_lookup
                 self.speculation["drafted"] += (width - 1) * len(live)
@@ -652,12 +657,23 @@ class FusionEngine:
             out[r, prompt_len : prompt_len + len(row)] = torch.tensor(row, dtype=torch.long)
         return out.to(device)
 
-    def _fuse_round(self, hidden: dict[str, torch.Tensor], row_mask: torch.Tensor) -> tuple[Fused, torch.Tensor]:
+    def _fuse_round(self, hidden: dict[str, torch.Tensor], running: torch.Tensor, drafts: torch.Tensor | None = None) -> tuple[Fused, torch.Tensor]:
         """The fused result of every model's hidden states ``[B, k, H]`` (``B k`` rows, row-major)
-        and the fault flags (per model, then the solver's count) for the round's one transfer."""
+        and the fault flags (per model, then the solver's count) for the round's one transfer.
+
+        The solver is told which rows matter: those of ``running`` rows, and with greedy
+        ``drafts`` ``[B, k - 1]`` only up to the first draft no weights within the solver's
+        bounds make the fused argmax (``never_chosen``): the row keeps no token past it, so
+        the positions after it need no solving (the adaptive ``dlf`` stops iterating them).
+        """
         batch, k = next(iter(hidden.values())).shape[:2]
         logits, faults = self._logits({name: h.reshape(batch * k, -1) for name, h in hidden.items()})
-        fused, bad = self._fuse_rows(logits, row_mask)
+        inputs = self._inputs(logits, running.repeat_interleave(k))
+        if drafts is not None and self.pairs and k > 1:
+            beaten = never_chosen(inputs, torch.nn.functional.pad(drafts, (0, 1)).flatten(), self.solver.bounds).view(batch, k)
+            reached = torch.cat([torch.ones_like(beaten[:, :1]), beaten[:, :-1].cumsum(1) == 0], dim=1)  # no beaten draft before
+            inputs = dataclasses.replace(inputs, row_mask=(reached & running.unsqueeze(1)).flatten())
+        fused, bad = self._fuse_rows(inputs)
         return fused, torch.cat([faults.long(), bad.view(1)])
 
 def _stopping(rows: list[int], generated: list[list[int]], eos_token_id: int, max_new_tokens: int, stop_check: StopCheck | None) -> set[int]:

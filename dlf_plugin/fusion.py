@@ -13,6 +13,7 @@ Notation, per row (a position being scored, or a sequence being decoded):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import torch
@@ -72,6 +73,34 @@ def fuse(base_logits: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor)
     if deltas.shape[1] == 0:
         return base_logits
     return base_logits + torch.einsum("np,npv->nv", weights.to(deltas.dtype), deltas)
+
+
+def never_chosen(inputs: FusionInputs, tokens: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    """``[N]`` bool: rows where ``tokens`` ``[N]`` cannot be the fused argmax for any
+    weights in ``bounds`` (every pair's weight in [low, high]).
+
+    Sufficient, not necessary: some one other token's fused logit exceeds the token's for
+    every such weight vector. fused_v - fused_d = (z_v - z_d) + sum_k w_k c_k with
+    c_k = d_kv - d_kd (d_k the pair's expert minus small logits) is smallest at
+    w_k = high where c_k < 0 and at low where c_k > 0, so the token is beaten there if it
+    is beaten at that corner. A margin of a few float32 roundings of the row's largest
+    terms keeps a tie within rounding of the fused sum from counting. Unbounded weights
+    (a bound infinite): never."""
+    low, high = bounds
+    n = inputs.base_logits.shape[0]
+    if not (math.isfinite(low) and math.isfinite(high)) or inputs.num_pairs == 0:
+        return torch.zeros(n, dtype=torch.bool, device=inputs.base_logits.device)
+    picked = tokens.view(n, 1)
+    gap = inputs.base_logits - inputs.base_logits.gather(1, picked)  # z_v - z_d
+    scale = inputs.base_logits.abs().amax(-1)
+    for k in range(inputs.num_pairs):
+        small, expert = inputs.small_logits[:, k], inputs.expert_logits[:, k]
+        c = torch.sub(expert, small)
+        c.sub_(c.gather(1, picked))
+        gap.add_(c.clamp_min(0.0), alpha=low).add_(c.clamp_max_(0.0), alpha=high)
+        scale.add_(expert.abs().amax(-1).add_(small.abs().amax(-1)), alpha=max(abs(low), abs(high)))
+    margin = scale.add_(1.0).mul_(64 * torch.finfo(torch.float32).eps)
+    return (gap > margin.unsqueeze(1)).any(-1)
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:

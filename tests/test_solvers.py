@@ -317,3 +317,48 @@ def test_every_recorded_point_holds_f_and_g_at_its_own_weight(schedule):
     # Settled points come from a Taylor expansion: exact to far below 1e-9 in float64.
     assert torch.allclose(f[seen], fresh_f[seen], atol=1e-9)
     assert torch.allclose(g[seen], fresh_g[seen], atol=1e-9)
+
+
+def chosen_somewhere(inputs: FusionInputs, tokens: torch.Tensor, bounds, points: int) -> torch.Tensor:
+    """Brute force, float64: ``[N]`` whether each row's token is the fused argmax at some point
+    of a grid of ``points`` weights per pair over ``bounds``."""
+    axis = torch.linspace(*bounds, points, dtype=torch.float64)
+    corners = torch.cartesian_prod(*[axis] * inputs.num_pairs).view(-1, inputs.num_pairs)  # [G, P]
+    deltas = (inputs.expert_logits - inputs.small_logits).double()  # [N, P, V]
+    fused = inputs.base_logits.double().unsqueeze(1) + torch.einsum("gp,npv->ngv", corners, deltas)  # [N, G, V]
+    return (fused.argmax(-1) == tokens.unsqueeze(1)).any(-1)
+
+
+@pytest.mark.parametrize(("pairs", "bounds"), [(1, (0.0, 2.0)), (2, (0.0, 2.0)), (2, (0.5, 1.5))])
+def test_never_chosen_flags_only_tokens_no_weight_in_the_bounds_makes_the_argmax(pairs, bounds):
+    """``never_chosen`` (which drafts a speculative round can skip solving past): every
+    token of every row tried; one it flags is the fused argmax at no point of a float64
+    grid over the weight box. It is no empty test: it flags most of the tokens that grid
+    never chooses (the rest lose to different tokens at different weights)."""
+    inputs = peaked_fusion_inputs(rows=12, pairs=pairs, vocab=48, seed=3 + pairs)
+    n, v = inputs.base_logits.shape
+    every = FusionInputs(*(x.repeat_interleave(v, dim=0) for x in (inputs.base_logits, inputs.small_logits, inputs.expert_logits, inputs.row_mask)))
+    tokens = torch.arange(v).repeat(n)
+    flagged = fusion.never_chosen(every, tokens, bounds)
+    somewhere = chosen_somewhere(every, tokens, bounds, points=201 if pairs == 1 else 41)
+    assert not bool((flagged & somewhere).any())
+    assert int(flagged.sum()) >= 0.8 * int((~somewhere).sum()) > 0
+    # Unbounded weights (static's): nothing can be ruled out.
+    assert not bool(fusion.never_chosen(every, tokens, (0.0, math.inf)).any())
+
+
+def test_adaptive_dlf_iterates_only_the_rows_that_matter():
+    """``row_mask`` marks the rows whose weights matter. The adaptive schedule iterates and
+    certifies only those past its first pass: they get the weights they get with every row
+    in, the others weights within the bounds, and the solve makes far fewer passes."""
+    inputs = peaked_fusion_inputs(rows=24, pairs=2, vocab=2000, seed=6)
+    solver = ExactSolver(["x", "y"], schedule="adaptive")
+    every = solver.solve(inputs)
+    passes_every, solver.passes = solver.passes, 0
+    matter = torch.arange(24) % 4 == 0
+    some = solver.solve(FusionInputs(inputs.base_logits, inputs.small_logits, inputs.expert_logits, matter))
+    assert torch.allclose(some[matter], every[matter], rtol=0, atol=1e-6)
+    assert bool(((some >= 0.0) & (some <= 2.0)).all())
+    # Passes per row, past the first (one per pair, every row): a quarter of the rows, about
+    # a quarter of the work.
+    assert solver.passes - 2 < 0.5 * (passes_every - 2), (solver.passes, passes_every)

@@ -179,6 +179,60 @@ def test_rows_with_copies_feed_them_in_rounds_the_expert_drafts(monkeypatch):
     assert fed and all(drafts[: len(copy)] == copy for drafts, copy in fed)
 
 
+@pytest.mark.parametrize("lookup", [0, 4])
+def test_positions_past_a_draft_no_weight_can_choose_are_left_unsolved(monkeypatch, lookup):
+    """A greedy round tells the solver which positions matter: none past a draft that no
+    weights within the solver's bounds make the fused argmax (the row keeps nothing after
+    it). Checked round by round against a float64 brute force: a running row's first
+    position left out follows a draft that loses at every point of a grid over [0, 2];
+    every token kept comes from a position the solver was told matters; positions were
+    left out; the tokens equal plain decoding's."""
+    lm = DLFLM(registry="toy", experts="qa", batch_size=4)
+    prompts = [request.args[0] for request in (shown_requests(1) if lookup else toy_requests(1))]
+    context, mask = lm.tok_batch_encode(prompts)
+    expected = lm.engine.generate(context, mask, 20, Sampling(), -1, 0)
+    rounds, kept = [], []
+    fuse_round, solve = lm.engine._fuse_round, lm.engine.solver.solve
+
+    def recording_round(hidden, running, drafts=None):
+        rounds.append({"running": running.tolist(), "drafts": None if drafts is None else drafts.tolist()})
+        return fuse_round(hidden, running, drafts)
+
+    def recording_solve(inputs):
+        rounds[-1]["inputs"] = inputs
+        return solve(inputs)
+
+    monkeypatch.setattr(lm.engine, "_fuse_round", recording_round)
+    monkeypatch.setattr(lm.engine.solver, "solve", recording_solve)
+    lm.engine.observer = lambda fused, rows, fused_rows, *rest: kept.append(fused_rows)
+    out = lm.engine.generate_speculative(context, mask, 20, -1, 0, draft=3, lookup=lookup)
+    assert out.tolist() == expected.tolist()
+    assert len(kept) == len(rounds)  # the prefill's, then one report a round
+    left_out = 0
+    for entry, fused_rows in zip(rounds, kept):
+        matter = entry["inputs"].row_mask.tolist()
+        assert all(matter[i] for i in fused_rows)
+        if entry["drafts"] is None:
+            continue
+        width = len(entry["drafts"][0]) + 1
+        for row, running in enumerate(entry["running"]):
+            if not running:
+                continue
+            flags = matter[row * width : (row + 1) * width]
+            if all(flags):
+                continue
+            first = flags.index(False)
+            assert first > 0 and not any(flags[first:])
+            left_out += width - first
+            at = row * width + first - 1  # the draft before it: chosen at no weight in [0, 2]
+            inputs = entry["inputs"]
+            axis = torch.linspace(0.0, 2.0, 401, dtype=torch.float64)
+            delta = (inputs.expert_logits[at, 0] - inputs.small_logits[at, 0]).double()
+            fused = inputs.base_logits[at].double() + axis.unsqueeze(1) * delta
+            assert not bool((fused.argmax(-1) == entry["drafts"][row][first - 1]).any())
+    assert left_out > 0
+
+
 def test_same_tokens_as_plain_when_each_request_is_routed_to_its_own_pair():
     """experts=all with route=prompt: requests of four tasks go to different pairs (engines),
     each drafting with its own first pair's expert; the texts equal plain decoding's."""

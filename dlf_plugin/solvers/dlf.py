@@ -387,6 +387,9 @@ class _Search:
         self.best_t = self.lo.clone()
         self.best_loss = torch.full_like(self.lo, float("inf"))
         self.moving = torch.zeros(n * p, dtype=torch.bool, device=self.lo.device)  # not converged
+        # Adaptive: only the directions of rows whose weights matter are iterated and
+        # certified past the first pass; the others keep a valid weight they were evaluated at.
+        self.relevant = problem.row_mask.repeat_interleave(p) if adaptive else torch.ones_like(self.moving)
         if low == 0.0:  # f = g = g' = 0 at t = 0, no pass needed
             zeros = torch.zeros_like(self.lo)
             self._record(self.lo, zeros, zeros, zeros)
@@ -432,7 +435,7 @@ class _Search:
         n, p = self.lo.shape
         first = pick
         if pick is None:
-            moving = torch.ones(n * p, dtype=torch.bool, device=t.device)
+            moving = self.relevant.clone()
         else:
             moving = torch.zeros(n * p, dtype=torch.bool, device=t.device).index_fill_(0, pick, True)
         # Updated out of place only: recorded points may be views of the state.
@@ -582,6 +585,7 @@ class _Search:
         """
         n, p = self.lo.shape
         bound, open_ = self._bounds(grid)
+        open_ &= self.relevant.view(n, p, 1)
         j = grid.numel()
         scores = torch.where(open_, bound, float("inf"))
         # The points are kept as [N, P, k], k per direction (the k-th of a direction's picks,
