@@ -176,8 +176,6 @@ def main() -> None:
             if not args.temperature:  # greedy: the same texts as plain decoding (reported, not asserted: a run goes on)
                 for k in configs:
                     differing[batch] += sum(a != b for a, b in zip(texts[k], texts[0]))
-            for k, lm in lms.items():
-                spent[k].update(parts(lm, task, manager, args.limit, gen_kwargs, args.device, registry.pairs[pair]))
             # Tokens per run: the speculative engine counts them (the same tokens as plain).
             k0 = configs[0]
             tokens = stats[k0]["tokens"] / args.repeats
@@ -191,6 +189,9 @@ def main() -> None:
                           {k: (counters[k].count - calls[k]) / (counters[0].count - calls[0]) for k in lms},
                           {k: (counters[k].count, calls[k]) for k in lms},
                           {k: stats[k]["lookup_rounds"] / max(1, stats[k]["rounds"]) for k in configs})
+            # After the counts above are taken: the run below counts tokens and passes too.
+            for k, lm in lms.items():
+                spent[k].update(parts(lm, task, manager, args.limit, gen_kwargs, args.device, registry.pairs[pair]))
         print(f"\nbatch {batch}: ms per generated token (lm-eval end to end); large-model passes per token and sequence (plain "
               "fused decoding: 1), in all and after each request's first token (its prefill's); drafts accepted")
         for task, (tokens, per, passes, accept, decoding, _, lookups) in rows.items():
