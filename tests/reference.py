@@ -57,3 +57,13 @@ def greedy_tokens(models, large, pairs, prompt: list[int], vocab: int, max_new: 
         for c in own or []:
             c.append(token)
     return out
+
+
+def chosen_somewhere(base: torch.Tensor, small: torch.Tensor, expert: torch.Tensor, tokens: torch.Tensor, bounds, points: int) -> torch.Tensor:
+    """``[N]``: whether each row's token is the argmax of z_L + sum_k w_k (z_Ek - z_Sk) at some
+    point of a grid of ``points`` weights per pair over ``bounds`` (``base [N, V]``, ``small``
+    and ``expert`` ``[N, P, V]``), in float64."""
+    axis = torch.linspace(*bounds, points, dtype=torch.float64)
+    grid = torch.cartesian_prod(*[axis] * small.shape[1]).view(-1, small.shape[1])  # [G, P]
+    fused = base.double().unsqueeze(1) + torch.einsum("gp,npv->ngv", grid, (expert - small).double())  # [N, G, V]
+    return (fused.argmax(-1) == tokens.unsqueeze(1)).any(-1)

@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import reference
 from dlf_plugin import fusion
 from dlf_plugin.fusion import FusionInputs
 from dlf_plugin.solvers.dlf import ExactSolver, GridSolver, JointSolver
@@ -319,16 +320,6 @@ def test_every_recorded_point_holds_f_and_g_at_its_own_weight(schedule):
     assert torch.allclose(g[seen], fresh_g[seen], atol=1e-9)
 
 
-def chosen_somewhere(inputs: FusionInputs, tokens: torch.Tensor, bounds, points: int) -> torch.Tensor:
-    """Brute force, float64: ``[N]`` whether each row's token is the fused argmax at some point
-    of a grid of ``points`` weights per pair over ``bounds``."""
-    axis = torch.linspace(*bounds, points, dtype=torch.float64)
-    corners = torch.cartesian_prod(*[axis] * inputs.num_pairs).view(-1, inputs.num_pairs)  # [G, P]
-    deltas = (inputs.expert_logits - inputs.small_logits).double()  # [N, P, V]
-    fused = inputs.base_logits.double().unsqueeze(1) + torch.einsum("gp,npv->ngv", corners, deltas)  # [N, G, V]
-    return (fused.argmax(-1) == tokens.unsqueeze(1)).any(-1)
-
-
 @pytest.mark.parametrize(("pairs", "bounds"), [(1, (0.0, 2.0)), (2, (0.0, 2.0)), (2, (0.5, 1.5))])
 def test_never_chosen_flags_only_tokens_no_weight_in_the_bounds_makes_the_argmax(pairs, bounds):
     """``never_chosen`` (which drafts a speculative round can skip solving past): every
@@ -340,7 +331,7 @@ def test_never_chosen_flags_only_tokens_no_weight_in_the_bounds_makes_the_argmax
     every = FusionInputs(*(x.repeat_interleave(v, dim=0) for x in (inputs.base_logits, inputs.small_logits, inputs.expert_logits, inputs.row_mask)))
     tokens = torch.arange(v).repeat(n)
     flagged = fusion.never_chosen(every, tokens, bounds)
-    somewhere = chosen_somewhere(every, tokens, bounds, points=201 if pairs == 1 else 41)
+    somewhere = reference.chosen_somewhere(every.base_logits, every.small_logits, every.expert_logits, tokens, bounds, points=201 if pairs == 1 else 41)
     assert not bool((flagged & somewhere).any())
     assert int(flagged.sum()) >= 0.8 * int((~somewhere).sum()) > 0
     # Unbounded weights (static's): nothing can be ruled out.
