@@ -510,8 +510,9 @@ class FusionEngine:
         reads x, then its own choices (greedy, or sampled from its logits under ``sampling``),
         k = ``draft`` times: drafts d1..d(k-1), and its hidden states after x, d1, ..,
         d(k-1). Every other model reads [x, d1, .., d(k-1)] in one pass. The solver fuses
-        those k positions per row at once. Greedy: the row keeps the fused greedy g1..g(j+1),
-        j being how many drafts equal the fused choice. Sampled: d_i is kept with probability
+        those k positions per row at once (greedy, told that the positions past a draft no
+        weights can make the fused choice do not matter: ``_fuse_round``). Greedy: the row
+        keeps the fused greedy g1..g(j+1), j being how many drafts equal the fused choice. Sampled: d_i is kept with probability
         min(1, p_i(d_i) / q_i(d_i)) (p fused, q the drafter's, both after ``sampling``'s
         temperature, top-k and top-p) up to the first rejection, where a token is drawn from
         max(0, p_i - q_i), or after all k-1 from p_k.
