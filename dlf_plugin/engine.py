@@ -602,8 +602,9 @@ class FusionEngine:
                 live = [r for r in range(batch) if not finished[r]]
                 chains = [lookups[r].chain(lookup) if lookups and not finished[r] else [] for r in range(batch)]
                 lengths = [len(chains[r]) for r in live if chains[r]]
-                by_lookup = bool(lengths) and (len(lengths) == len(live) or drafter is None)
-                width = 1 + min(lengths) if by_lookup else draft
+                left = max(max_new_tokens - len(generated[r]) for r in live)  # no round wider: no row keeps more
+                by_lookup = bool(lengths) and (len(lengths) == len(live) or drafter is None) and left > 1
+                width = min(1 + min(lengths) if by_lookup else draft, left)
                 plan = torch.tensor([[int(not finished[r]), *(chains[r] + [-1] * width)[: width - 1]] for r in range(batch)], device=device)
                 running, copies = plan[:, 0].bool(), plan[:, 1:]  # [B], [B, width - 1] (-1: no copy)
                 hidden, proposals = {}, []

@@ -509,11 +509,14 @@ class DLFLM(HFLM):
         ids = torch.full((batch_size, prompt), self.prefix_token_id, dtype=torch.long)
         mask = torch.ones_like(ids)
         mask[:, : prompt - shown] = 0
-        common = dict(max_new_tokens=2, eos_token_id=-1, pad_token_id=self.prefix_token_id, sampling=sampling)
+        common = dict(eos_token_id=-1, pad_token_id=self.prefix_token_id, sampling=sampling)
         if k == 1:
-            self.engine.generate(ids, mask, **common)
+            self.engine.generate(ids, mask, max_new_tokens=2, **common)
         else:
-            self.engine.generate_speculative(ids, mask, draft=k, **common)
+            # Room for a whole round after the prefill's token (a round is never wider than the
+            # tokens left), and a stop after it.
+            first_round = lambda rows, made: {r for r, tokens in zip(rows, made) if len(tokens) > 1}  # noqa: E731
+            self.engine.generate_speculative(ids, mask, max_new_tokens=1 + k, draft=k, stop_check=first_round, **common)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """Score (context, continuation) token pairs, fusing at continuation positions only."""

@@ -230,6 +230,35 @@ def test_positions_past_a_draft_no_weight_can_choose_are_left_unsolved(monkeypat
     assert left_out > 0
 
 
+@pytest.mark.parametrize("lookup", [0, 4])
+def test_no_round_is_wider_than_the_tokens_a_row_may_still_make(monkeypatch, lookup):
+    """max_new_tokens = 6 and speculate=4: a round never reads more positions than the
+    running row with the most tokens left may still keep (a round that could only waste
+    drafter calls and positions), and rounds were cut by it; the tokens equal plain
+    decoding's."""
+    lm = DLFLM(registry="toy", experts="qa", batch_size=4)
+    prompts = [request.args[0] for request in (shown_requests(1) if lookup else toy_requests(1))]
+    context, mask = lm.tok_batch_encode(prompts)
+    expected = lm.engine.generate(context, mask, 6, Sampling(), -1, 0)
+    events = []
+    large = lm.engine.models[lm.engine.large]
+    hidden = large.hidden
+    monkeypatch.setattr(large, "hidden", lambda ids, *a, **k: events.append(("read", ids.shape[1])) or hidden(ids, *a, **k))
+    lm.engine.observer = lambda fused, rows, *rest: events.append(("kept", rows))
+    out = lm.engine.generate_speculative(context, mask, 6, -1, 0, draft=4, lookup=lookup)
+    assert out.tolist() == expected.tolist()
+    made, widths = [0] * len(prompts), []
+    for kind, value in events[1:]:  # after the prefill's read
+        if kind == "kept":
+            for row in value:
+                made[row] += 1
+        else:
+            widths.append(value)
+            assert value <= max(6 - n for n in made if n < 6), (value, made)
+    if not lookup:  # rounds the expert drafts are 4 wide unless cut
+        assert any(width < 4 for width in widths), widths
+
+
 def test_same_tokens_as_plain_when_each_request_is_routed_to_its_own_pair():
     """experts=all with route=prompt: requests of four tasks go to different pairs (engines),
     each drafting with its own first pair's expert; the texts equal plain decoding's."""
