@@ -515,8 +515,10 @@ class DLFLM(HFLM):
         else:
             # Room for a whole round after the prefill's token (a round is never wider than the
             # tokens left), and a stop after it.
-            first_round = lambda rows, made: {r for r, tokens in zip(rows, made) if len(tokens) > 1}  # noqa: E731
-            self.engine.generate_speculative(ids, mask, max_new_tokens=1 + k, draft=k, stop_check=first_round, **common)
+            def after_one_round(rows, made):
+                return {r for r, tokens in zip(rows, made) if len(tokens) > 1}
+
+            self.engine.generate_speculative(ids, mask, max_new_tokens=1 + k, draft=k, stop_check=after_one_round, **common)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """Score (context, continuation) token pairs, fusing at continuation positions only."""
