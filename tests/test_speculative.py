@@ -48,6 +48,15 @@ def shown_requests(count: int):
     return toy_requests(count, until=("?",), max_gen_toks=24, shown=True)
 
 
+def qa_batch(shown: bool, new_tokens: int):
+    """The qa pair at batch 4 over one dev prompt of each seen task (after a solved example
+    where ``shown``): ``(lm, context, mask, plain fused greedy decoding's new_tokens)``."""
+    lm = DLFLM(registry="toy", experts="qa", batch_size=4)
+    requests = shown_requests(1) if shown else toy_requests(1)
+    context, mask = lm.tok_batch_encode([request.args[0] for request in requests])
+    return lm, context, mask, lm.engine.generate(context, mask, new_tokens, Sampling(), -1, 0)
+
+
 def speculation_totals(lm: DLFLM) -> dict:
     """The engine's speculation counts, summed over every generate call of ``lm`` from now."""
     totals = collections.Counter()
@@ -152,10 +161,7 @@ def test_rows_with_copies_feed_them_in_rounds_the_expert_drafts(monkeypatch):
     other rows feed their copied tokens in it (what the large model reads at a round's
     drafted positions is each such row's copy) and the expert's choices past them. Greedy
     tokens equal plain decoding's."""
-    lm = DLFLM(registry="toy", experts="qa", batch_size=4)
-    prompts = [request.args[0] for request in shown_requests(1)]
-    context, mask = lm.tok_batch_encode(prompts)
-    expected = lm.engine.generate(context, mask, 20, Sampling(), -1, 0)
+    lm, context, mask, expected = qa_batch(shown=True, new_tokens=20)
     made, copies, read = [], [], []
     init, chain = _Lookup.__init__, _Lookup.chain
 
@@ -187,10 +193,7 @@ def test_positions_past_a_draft_no_weight_can_choose_are_left_unsolved(monkeypat
     position left out follows a draft that loses at every point of a grid over [0, 2];
     every token kept comes from a position the solver was told matters; positions were
     left out; the tokens equal plain decoding's."""
-    lm = DLFLM(registry="toy", experts="qa", batch_size=4)
-    prompts = [request.args[0] for request in (shown_requests(1) if lookup else toy_requests(1))]
-    context, mask = lm.tok_batch_encode(prompts)
-    expected = lm.engine.generate(context, mask, 20, Sampling(), -1, 0)
+    lm, context, mask, expected = qa_batch(shown=bool(lookup), new_tokens=20)
     rounds, kept = [], []
     fuse_round, solve = lm.engine._fuse_round, lm.engine.solver.solve
 
@@ -236,10 +239,7 @@ def test_no_round_is_wider_than_the_tokens_a_row_may_still_make(monkeypatch, loo
     running row with the most tokens left may still keep (a round that could only waste
     drafter calls and positions), and rounds were cut by it; the tokens equal plain
     decoding's."""
-    lm = DLFLM(registry="toy", experts="qa", batch_size=4)
-    prompts = [request.args[0] for request in (shown_requests(1) if lookup else toy_requests(1))]
-    context, mask = lm.tok_batch_encode(prompts)
-    expected = lm.engine.generate(context, mask, 6, Sampling(), -1, 0)
+    lm, context, mask, expected = qa_batch(shown=bool(lookup), new_tokens=6)
     events = []
     large = lm.engine.models[lm.engine.large]
     hidden = large.hidden
@@ -247,7 +247,7 @@ def test_no_round_is_wider_than_the_tokens_a_row_may_still_make(monkeypatch, loo
     lm.engine.observer = lambda fused, rows, *rest: events.append(("kept", rows))
     out = lm.engine.generate_speculative(context, mask, 6, -1, 0, draft=4, lookup=lookup)
     assert out.tolist() == expected.tolist()
-    made, widths = [0] * len(prompts), []
+    made, widths = [0] * len(context), []
     for kind, value in events[1:]:  # after the prefill's read
         if kind == "kept":
             for row in value:
