@@ -36,6 +36,17 @@ def whole_number(key: str, value: Any, minimum: int = 1) -> int:
     return number
 
 
+def fraction(key: str, value: Any) -> float:
+    """A number in [0, 1) (given as one, or as its digits)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = -1.0
+    if isinstance(value, bool) or not 0.0 <= number < 1.0:
+        raise RegistryError(f"model_args {key}={value!r} must be a number in [0, 1)")
+    return number
+
+
 def check_hflm_args(args: dict) -> None:
     """The batching and prompt arguments dlf passes to lm-eval's HFLM."""
     batch = args.get("batch_size")

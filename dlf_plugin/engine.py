@@ -500,6 +500,7 @@ class FusionEngine:
         stop_check: StopCheck | None = None,
         sampling: Sampling = Sampling(),
         lookup: int = 0,
+        confidence: float = 0.0,
     ) -> torch.Tensor:
         """Fused decoding of up to ``draft`` tokens a round, the first pair's expert drafting
         (DESIGN.md section 8); greedy, the same tokens as ``generate`` (in float32: a k-token
@@ -533,6 +534,15 @@ class FusionEngine:
         them. A copied draft's proposal q is the token itself (probability 1): the rule
         keeps it with probability p(d) and is exact with it as with any proposal. The
         prompts are read to the host once, before the prefill.
+
+        ``confidence`` = c > 0 ends a round's drafting early: where the drafter's most likely
+        token at draft i has less than probability c (its softmax, greedy; q, sampled) for
+        every running row without a copy there, d_i is dropped and the round is i positions
+        wide: drafts it would likely lose cost no drafter call and widen no solve. Sampled,
+        the stop reads q's top, not q(d_i): given the drafter's state it is the same whatever
+        d_i is drawn, so a kept d_i is still drawn from q, which the rule needs (stopping on
+        q(d_i) would keep likelier draws more often and skew the distribution). The check
+        reads the probabilities to the host: one more transfer per drafted token.
 
         Returns:
             ``[B, L + n]`` as ``generate``.
@@ -630,11 +640,18 @@ class FusionEngine:
                                 feed = torch.multinomial(q, 1)
                             else:
                                 feed = logits.argmax(-1, keepdim=True)
+                            if confidence:  # the drafter's top probability (not its draw's: see above)
+                                sure = (q if sampling.do_sample else logits.float().softmax(-1)).amax(-1, keepdim=True)
                             if lookups:  # a row's copied tokens, as far as they go
                                 copy = copies[:, i : i + 1]
                                 feed = torch.where(copy >= 0, copy, feed)
                                 if sampling.do_sample:
                                     q = torch.where(copy >= 0, _one_hot(copy.clamp_min(0), self.vocab_size), q)
+                                if confidence:
+                                    sure = torch.where(copy >= 0, 1.0, sure)
+                            if confidence and not bool(torch.where(running, sure.squeeze(1), -1.0).max() >= confidence):
+                                width = i + 1  # d(i+1) dropped: the round fuses x, d1..di
+                                break
                             if sampling.do_sample:
                                 proposals.append(q)
                             drafted.append(feed)

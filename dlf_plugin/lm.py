@@ -40,7 +40,7 @@ console.install()
 
 # model_args that dlf itself reads (everything else goes to the solver) and HFLM's
 # that dlf passes through.
-DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "route_tokens", "fusion_memory", "speculate", "lookup", "shots")
+DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "route_tokens", "fusion_memory", "speculate", "lookup", "draft_confidence", "shots")
 ROUTES = ("none", "task", "prompt")
 PASSED_TO_HFLM = ("batch_size", "max_batch_size", "max_length", "add_bos_token", "prefix_token_id", "truncation", "logits_cache")
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k")
@@ -87,6 +87,10 @@ class DLFLM(HFLM):
             expert's choices; a round where every row has such a copy runs no drafter at all.
             The same tokens or distribution as without; 0 (default): off. With speculate 0 or
             1, only copies are drafted.
+        draft_confidence: with speculate k > 1, the expert stops drafting a round at a token
+            it gives less than this probability (every running row's), so a round is only as
+            wide as its likely drafts; the same tokens or distribution as without. A number
+            in [0, 1); 0 (default): always k - 1 drafts. One more sync per drafter call.
         shots: who reads the few-shot demonstrations of ``--num_fewshot``: ``all`` (default)
             or ``large`` (the large model only; the pairs read the zero-shot prompt). With
             ``large``, or a pair whose registry entry says ``chat_template: true`` (its expert
@@ -109,6 +113,7 @@ class DLFLM(HFLM):
         route_tokens: int | str = ROUTE_TOKENS,
         speculate: int | str = 0,
         lookup: int | str = 0,
+        draft_confidence: float | str = 0.0,
         shots: str = "all",
         device: str | None = None,
         **kwargs: Any,
@@ -135,6 +140,12 @@ class DLFLM(HFLM):
         self.lookup = arguments.whole_number("lookup", lookup, minimum=0)
         if self.lookup and not pair_specs:
             raise RegistryError("model_args lookup drafts for speculative decoding, which needs at least one expert pair")
+        self.draft_confidence = arguments.fraction("draft_confidence", draft_confidence)
+        if self.draft_confidence and self.speculate < 2:
+            raise RegistryError(
+                f"model_args draft_confidence={self.draft_confidence:g} stops the expert's drafts, which it makes only with "
+                "speculate=k > 1: set speculate, or drop draft_confidence"
+            )
         if shots not in views.SHOTS:
             raise RegistryError(f"model_args shots={shots!r} is not one of {', '.join(views.SHOTS)}")
         self.shots = shots
@@ -695,7 +706,7 @@ class DLFLM(HFLM):
         try:
             if self.round_width == 1:
                 return self.engine.generate(context, attention_mask, sampling=sampling, **common)
-            return self.engine.generate_speculative(context, attention_mask, draft=max(self.speculate, 1), lookup=self.lookup, sampling=sampling, **common)
+            return self.engine.generate_speculative(context, attention_mask, draft=max(self.speculate, 1), lookup=self.lookup, confidence=self.draft_confidence, sampling=sampling, **common)
         finally:
             self.engine.observer = None
 
@@ -726,6 +737,7 @@ class DLFLM(HFLM):
                 **({"route_tokens": self.route_tokens} if self.route == "prompt" else {}),
                 **({"speculate": self.speculate} if self.speculate > 1 else {}),
                 **({"lookup": self.lookup} if self.lookup else {}),
+                **({"draft_confidence": self.draft_confidence} if self.draft_confidence else {}),
                 "shots": self.shots,
                 "views": self._describe_views(),
                 **({"routes": dict(self.routes)} if self.routed else {}),

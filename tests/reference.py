@@ -14,6 +14,11 @@ def _last_logits(model, tokens: list[int], vocab: int) -> torch.Tensor:
     return out.double()
 
 
+def next_token_probabilities(model, tokens: list[int], vocab: int) -> torch.Tensor:
+    """One model's softmax over the first ``vocab`` tokens after ``tokens``; float64 ``[V]``."""
+    return torch.softmax(_last_logits(model, tokens, vocab), 0)
+
+
 def fused_logits(models: dict, large: str, pairs: list[tuple[str, str, float]], tokens: list[int], vocab: int, pair_tokens=None) -> torch.Tensor:
     """z_L + sum_k w_k (z_Ek - z_Sk) for the next token after ``tokens``; float64 ``[V]``.
 

@@ -131,8 +131,9 @@ def test_lookup_copies_what_followed_the_earliest_earlier_occurrence():
 
 @pytest.mark.parametrize("solver", ["static", "dlf-grid", "dlf", "plugin"])
 def test_lookup_drafts_give_the_tokens_of_plain_fused_greedy(solver, monkeypatch):
-    """``lookup=4`` with speculate=3 (the expert drafts where a row has no copy) and with
-    speculate=1 (copies only, rows without one drafting placeholders): 16 prompts after a
+    """``lookup=4`` with speculate=3 (the expert drafts where a row has no copy), with
+    speculate=1 (copies only, rows without one drafting placeholders) and with speculate=5
+    and draft_confidence=0.3 (rounds cut where the expert is unsure): 16 prompts after a
     solved example, in batches of 8, each row stopping at its own place: the texts equal
     plain decoding's; copies were drafted, both kept and refused. (Whether they save
     rounds is the bench's to say: in a batch a round lasts as long as its slowest row.)"""
@@ -144,14 +145,14 @@ def test_lookup_drafts_give_the_tokens_of_plain_fused_greedy(solver, monkeypatch
     plain = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8)
     expected = plain.generate_until(shown_requests(4))
     assert len({len(text) for text in expected}) > 2
-    for k, n in ((3, 4), (1, 4)):
-        fast = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8, speculate=k, lookup=n)
+    for k, n, c in ((3, 4, 0.0), (1, 4, 0.0), (5, 4, 0.3)):
+        fast = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8, speculate=k, lookup=n, draft_confidence=c)
         totals = speculation_totals(fast)
-        assert fast.generate_until(shown_requests(4)) == expected, (k, n)
+        assert fast.generate_until(shown_requests(4)) == expected, (k, n, c)
         recorded = fast.get_model_info()["dlf"]  # what produced the results
-        assert (recorded.get("speculate"), recorded.get("lookup")) == (k if k > 1 else None, n or None)
+        assert (recorded.get("speculate"), recorded.get("lookup"), recorded.get("draft_confidence")) == (k if k > 1 else None, n or None, c or None)
         # Copies were drafted, some kept and some refused (speculate=1: every draft a copy).
-        assert totals["copied"] > 0 and 0 < totals["accepted"] < totals["drafted"], (k, n, totals)
+        assert totals["copied"] > 0 and 0 < totals["accepted"] < totals["drafted"], (k, n, c, totals)
         if k == 1:  # rounds drafted by copies alone, the rows without one drafting placeholders
             assert totals["lookup_rounds"] > 0, totals
 
@@ -257,6 +258,85 @@ def test_no_round_is_wider_than_the_tokens_a_row_may_still_make(monkeypatch, loo
             assert value <= max(6 - n for n in made if n < 6), (value, made)
     if not lookup:  # rounds the expert drafts are 4 wide unless cut
         assert any(width < 4 for width in widths), widths
+
+
+def test_drafting_stops_where_the_drafter_is_unsure(monkeypatch):
+    """``confidence=0.5`` with speculate=5, greedy, batch 4: every round is exactly as wide
+    as a brute force says: the expert, run from scratch on each running row's tokens so
+    far, drafts its greedy choices while some running row's top token has probability at
+    least 0.5, up to 4 drafts and the tokens left. Rounds were cut both before the first
+    draft and after some; the tokens equal plain decoding's."""
+    lm, context, mask, expected = qa_batch(shown=False, new_tokens=20)
+    events = []
+    large = lm.engine.models[lm.engine.large]
+    hidden = large.hidden
+    monkeypatch.setattr(large, "hidden", lambda ids, *a, **k: events.append(("read", ids.shape[1])) or hidden(ids, *a, **k))
+    lm.engine.observer = lambda fused, rows, *rest: events.append(("kept", rows))
+    out = lm.engine.generate_speculative(context, mask, 20, -1, 0, draft=5, confidence=0.5)
+    assert out.tolist() == expected.tolist()
+    expert = transformers.AutoModelForCausalLM.from_pretrained(REPO / "models" / "toy" / "expert-qa").eval()
+    tokens = [row[m.bool()].tolist() for row, m in zip(expected, torch.nn.functional.pad(mask, (0, 20), value=1))]
+    shown = mask.sum(1).tolist()  # each row's prompt tokens, padding left out
+    made, widths, brute = [0] * len(context), [], []
+    for kind, value in events[1:]:  # after the prefill's read
+        if kind == "kept":
+            for row in value:
+                made[row] += 1
+            continue
+        live = [r for r in range(len(context)) if made[r] < 20]
+        drafts = {r: tokens[r][: shown[r] + made[r]] for r in live}
+        width = 1
+        while width < min(5, max(20 - made[r] for r in live)):
+            probabilities = {r: reference.next_token_probabilities(expert, drafts[r], lm.engine.vocab_size) for r in live}
+            if max(float(p.max()) for p in probabilities.values()) < 0.5:
+                break
+            for r in live:
+                drafts[r].append(int(probabilities[r].argmax()))
+            width += 1
+        widths.append(value)
+        brute.append(width)
+    assert widths == brute
+    assert 1 in widths and 5 in widths and any(1 < width < 5 for width in widths), widths
+
+
+def test_sampled_drafting_stops_on_the_drafters_top_probability_not_its_draw(monkeypatch):
+    """Sampled (temperature 1, top-k 3), ``confidence=0.5``, speculate=4, batch 4: each round
+    goes on drafting while some running row's q (the expert's distribution after top-k, here
+    rebuilt from scratch for the row's tokens so far and the drafts it read) gives its top
+    token at least 0.5, and stops at the first draft where none does. Stopping on q of the
+    token drawn instead (which skews the distribution: see ``generate_speculative``) cuts
+    rounds this check refuses. Rounds were cut before the first draft and after some."""
+    torch.manual_seed(0)
+    lm = DLFLM(registry="toy", experts="qa", solver="static", batch_size=1)
+    expert = transformers.AutoModelForCausalLM.from_pretrained(REPO / "models" / "toy" / "expert-qa").eval()
+    prompt = lm.tok_encode(PROMPTS["toy_qa"].format("Voustunia"))
+    reads, made = [], [0] * 4
+    large = lm.engine.models[lm.engine.large]
+    hidden = large.hidden
+    monkeypatch.setattr(large, "hidden", lambda ids, *a, **k: reads.append((ids.tolist(), list(made))) or hidden(ids, *a, **k))
+
+    def kept(fused, rows, *rest):
+        for row in rows:
+            made[row] += 1
+
+    lm.engine.observer = kept
+    ids = torch.tensor([prompt] * 4)
+    sampling = Sampling(do_sample=True, temperature=1.0, top_k=3)
+    out = lm.engine.generate_speculative(ids, torch.ones_like(ids), 12, -1, 0, draft=4, sampling=sampling, confidence=0.5)
+    generated = out[:, len(prompt) :].tolist()
+    widths = []
+    for fed, before in reads[1:]:  # after the prefill's read; before: each row's tokens made
+        live = [r for r in range(4) if before[r] < 12]
+        width = len(fed[0])
+        for r in live:
+            assert fed[r][0] == generated[r][before[r] - 1]  # x: the row's last token
+        tops = []  # per draft, the running rows' largest top probability of q
+        for i in range(min(4, max(12 - before[r] for r in live)) - 1):
+            top3 = [reference.next_token_probabilities(expert, prompt + generated[r][: before[r]] + fed[r][1 : i + 1], lm.engine.vocab_size).topk(3).values for r in live]
+            tops.append(max(float(p[0] / p.sum()) for p in top3))  # top-k 3, temperature 1: the three renormalised
+        assert all(top >= 0.5 for top in tops[: width - 1]) and (width - 1 == len(tops) or tops[width - 1] < 0.5), (width, tops)
+        widths.append(width)
+    assert 1 in widths and any(width > 1 for width in widths), widths
 
 
 def test_same_tokens_as_plain_when_each_request_is_routed_to_its_own_pair():
@@ -376,8 +456,8 @@ def test_speculative_choice_draws_from_the_target_whatever_the_proposal():
 SHOWN = "Question: What is the capital of Voustunia?\nAnswer: Driszaim\n"  # the same question solved: drafts to copy
 
 
-@pytest.mark.parametrize("draft, lookup", [(3, 0), (3, 2), (1, 2)])
-def test_sampled_speculation_draws_the_fused_distribution(draft, lookup):
+@pytest.mark.parametrize("draft, lookup, confidence", [(3, 0, 0.0), (3, 2, 0.0), (1, 2, 0.0), (3, 0, 0.5)])
+def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confidence):
     """Toy world (pair qa, static weights), one prompt 4,000 times, temperature 1 and top-k 3,
     k = 3: the first three tokens' joint frequencies match the exact fused distribution
     computed in float64 from scratch for each prefix (27 sequences). Keeping every draft
@@ -386,20 +466,27 @@ def test_sampled_speculation_draws_the_fused_distribution(draft, lookup):
     same question solved, so rows whose first token starts that answer copy drafts (a
     copied draft's proposal: the token itself): with k = 3 in rounds the expert drafts for
     the other rows; with k = 1 in rounds of copies alone, the other rows drafting
-    placeholders."""
+    placeholders. With ``confidence=0.5`` the draws come 8 at a time (a batch of 4,000 rows
+    would always hold a row sure enough to draft on), and some rounds stop drafting early."""
     torch.manual_seed(0)
     lm = DLFLM(registry="toy", experts="qa", solver="static", batch_size=1)
     names = ("large-base", "small-base", "expert-qa")
     models = {n: transformers.AutoModelForCausalLM.from_pretrained(REPO / "models" / "toy" / n).eval() for n in names}
     prompt = lm.tok_encode((SHOWN if lookup else "") + PROMPTS["toy_qa"].format("Voustunia"))
     draws = 4000
-    ids = torch.tensor([prompt] * draws)
+    rows = 8 if confidence else draws
+    ids = torch.tensor([prompt] * rows)
     sampling = Sampling(do_sample=True, temperature=1.0, top_k=3)
-    out = lm.engine.generate_speculative(ids, torch.ones_like(ids), 3, -1, 0, draft=draft, sampling=sampling, lookup=lookup)
-    stats = lm.engine.speculation
+    counts, stats, drafted = collections.Counter(), collections.Counter(), set()
+    for _ in range(draws // rows):
+        out = lm.engine.generate_speculative(ids, torch.ones_like(ids), 3, -1, 0, draft=draft, sampling=sampling, lookup=lookup, confidence=confidence)
+        counts.update(tuple(row) for row in out[:, len(prompt) :].tolist())
+        stats.update(lm.engine.speculation)
+        drafted.add(lm.engine.speculation["drafted"] > 0)
     assert 0 < stats["accepted"] < stats["drafted"], stats
     assert (stats["copied"] > 0) == bool(lookup) and (stats["lookup_rounds"] > 0) == (draft == 1), stats
-    counts = collections.Counter(tuple(row) for row in out[:, len(prompt) :].tolist())
+    if confidence:  # some calls stopped drafting at their one round's first draft, some drafted
+        assert drafted == {False, True}
 
     def top3(tokens):
         z = reference.fused_logits(models, "large-base", [("expert-qa", "small-base", 1.0)], tokens, lm.engine.vocab_size)
@@ -441,6 +528,12 @@ def test_bad_speculate_values_are_refused(tiny_world):
     for bad in ("-1", "four", 2.5, True):
         with pytest.raises(RegistryError, match="model_args lookup="):
             DLFLM(registry=str(tiny_world["registry"]), experts="a1", speculate=3, lookup=bad)
+    for bad in ("-0.1", "1", 1.5, "sure", True):
+        with pytest.raises(RegistryError, match=r"model_args draft_confidence=.* must be a number in \[0, 1\)"):
+            DLFLM(registry=str(tiny_world["registry"]), experts="a1", speculate=3, draft_confidence=bad)
+    for k in (0, 1):  # no drafts to stop
+        with pytest.raises(RegistryError, match="draft_confidence=0.5 stops the expert's drafts, which it makes only with speculate"):
+            DLFLM(registry=str(tiny_world["registry"]), experts="a1", speculate=k, lookup=4, draft_confidence="0.5")
 
 
 def test_trace_marks_each_token_drafted_or_not_and_matches_plain_traces(tmp_path):
