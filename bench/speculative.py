@@ -1,18 +1,20 @@
 """Speculative fused decoding against plain fused decoding and the large model alone, on the
 toy world's tasks through lm-eval.
 
-    python bench/speculative.py [--split dev|test] [--drafts 2 3 4 6] [--lookups 0 8] [--batches 1 8] [--limit 100]
-                                [--long] [--device cpu|cuda] [--temperature T]
+    python bench/speculative.py [--split dev|test] [--drafts 2 3 4 6] [--lookups 0 8] [--confidences 0 0.3]
+                                [--batches 1 8] [--limit 100] [--long] [--device cpu|cuda] [--temperature T]
 
 Each seen task is fused with its own pair (its expert drafts). Per batch size and
-configuration (k = ``speculate``, each with every ``lookup`` n of ``--lookups``; 0: off): the
+configuration (k = ``speculate``, each with every ``lookup`` n of ``--lookups`` (0: off) and
+every ``draft_confidence`` c of ``--confidences`` (0: off; only with k > 1)): the
 drafts accepted, large-model forward passes per generated token (prefill included, counted
 by a hook on the large model's body), and wall time per generated token against plain fused
 decoding and against the large model alone (lm-eval's HFLM), timed in turns in one process.
 Every greedy speculative run's texts are compared with plain decoding's (a target counts those
 unlike). The best configuration is chosen on ``--split dev`` (the fastest at each batch size);
-``--split test`` only reports: its targets are the first configuration's (``--drafts`` and
-``--lookups`` then start with the one chosen on dev), the others are shown beside it.
+``--split test`` only reports: its targets are the first configuration's (``--drafts``,
+``--lookups`` and ``--confidences`` then start with the one chosen on dev), the others are
+shown beside it.
 ``--temperature T`` (with ``--long``) samples instead: texts differ from plain decoding's and
 are not compared (tests/test_speculative.py checks the distribution); times per token still
 divide by the speculative runs' token count, 32 per prompt unless a row draws EOS.
@@ -94,11 +96,11 @@ class Clock:
 
 
 def label(config) -> str:
-    """How a run is named: plain fused, or its model_args speculate and lookup."""
+    """How a run is named: plain fused, or its model_args speculate, lookup and draft_confidence."""
     if not config:
         return "plain fused"
-    k, n = config
-    return f"speculate={k}" + (f",lookup={n}" if n else "")
+    k, n, c = config
+    return f"speculate={k}" + (f",lookup={n}" if n else "") + (f",draft_confidence={c:g}" if c else "")
 
 
 PARTS = ("drafter", "large", "small base", "heads", "solver+fusion")
@@ -122,6 +124,7 @@ def main() -> None:
     ap.add_argument("--split", choices=["dev", "test"], default="test")
     ap.add_argument("--drafts", type=int, nargs="+", default=[3])
     ap.add_argument("--lookups", type=int, nargs="+", default=[0], help="model_args lookup values, each with every k")
+    ap.add_argument("--confidences", type=float, nargs="+", default=[0.0], help="model_args draft_confidence values, each with every k > 1 and n")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--limit", type=int, default=100, help="questions per task")
     ap.add_argument("--repeats", type=int, default=3)
@@ -133,7 +136,8 @@ def main() -> None:
         ap.error("--temperature needs --long (sampled answer lines end at different lengths)")
     gen_kwargs = {**LONG, **({"do_sample": True, "temperature": args.temperature} if args.temperature else {})} if args.long else None
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    configs = [(k, n) for k in args.drafts for n in args.lookups]  # (speculate, lookup)
+    # (speculate, lookup, draft_confidence); a confidence needs the expert to draft (k > 1)
+    configs = [(k, n, c) for k in args.drafts for n in args.lookups for c in args.confidences if k > 1 or not c]
     torch.manual_seed(0)
     registry = load_registry("toy")
     manager = TaskManager(include_path=str(REPO / "tasks" / "toy"))
@@ -148,7 +152,8 @@ def main() -> None:
         rows, spent = {}, {k: collections.Counter() for k in [0, *configs]}
         for pair, task in tasks.items():
             lms = {0: DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device)}
-            lms.update({(k, n): DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device, speculate=k, lookup=n) for k, n in configs})
+            lms.update({(k, n, c): DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device, speculate=k, lookup=n, draft_confidence=c)
+                        for k, n, c in configs})
             counters = {k: Passes(lm.engine.models[registry.large].model) for k, lm in lms.items()}
             stats = {k: dict(drafted=0, accepted=0, tokens=0, rounds=0, lookup_rounds=0) for k in configs}
             calls = dict.fromkeys(lms, 0)  # generate calls: one prefill pass of the large model each
