@@ -87,10 +87,11 @@ class DLFLM(HFLM):
             expert's choices; a round where every row has such a copy runs no drafter at all.
             The same tokens or distribution as without; 0 (default): off. With speculate 0 or
             1, only copies are drafted.
-        draft_confidence: with speculate k > 1, the expert stops drafting a round at a token
-            it gives less than this probability (every running row's), so a round is only as
-            wide as its likely drafts; the same tokens or distribution as without. A number
-            in [0, 1); 0 (default): always k - 1 drafts. One more sync per drafter call.
+        draft_confidence: with speculate k > 1, the expert stops drafting a round where its
+            most likely next token has less than this probability in every running row, so a
+            round is only as wide as its likely drafts; the same tokens or distribution as
+            without. A number in [0, 1); 0 (default): always k - 1 drafts. One more sync per
+            drafted token.
         shots: who reads the few-shot demonstrations of ``--num_fewshot``: ``all`` (default)
             or ``large`` (the large model only; the pairs read the zero-shot prompt). With
             ``large``, or a pair whose registry entry says ``chat_template: true`` (its expert
