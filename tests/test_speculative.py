@@ -305,7 +305,7 @@ def test_sampled_drafting_stops_on_the_drafters_top_probability_not_its_draw(mon
     rebuilt from scratch for the row's tokens so far and the drafts it read) gives its top
     token at least 0.5, and stops at the first draft where none does. Stopping on q of the
     token drawn instead (which skews the distribution: see ``generate_speculative``) cuts
-    rounds this check refuses. Rounds were cut before the first draft and after some."""
+    rounds this check refuses. Some rounds stopped before their first draft, some drafted."""
     torch.manual_seed(0)
     lm = DLFLM(registry="toy", experts="qa", solver="static", batch_size=1)
     expert = transformers.AutoModelForCausalLM.from_pretrained(REPO / "models" / "toy" / "expert-qa").eval()
