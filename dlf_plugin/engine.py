@@ -640,18 +640,18 @@ class FusionEngine:
                                 feed = torch.multinomial(q, 1)
                             else:
                                 feed = logits.argmax(-1, keepdim=True)
-                            if confidence:  # the drafter's top probability (not its draw's: see above)
-                                sure = (q if sampling.do_sample else logits.float().softmax(-1)).amax(-1, keepdim=True)
                             if lookups:  # a row's copied tokens, as far as they go
                                 copy = copies[:, i : i + 1]
                                 feed = torch.where(copy >= 0, copy, feed)
                                 if sampling.do_sample:
                                     q = torch.where(copy >= 0, _one_hot(copy.clamp_min(0), self.vocab_size), q)
-                                if confidence:
-                                    sure = torch.where(copy >= 0, 1.0, sure)
-                            if confidence and not bool(torch.where(running, sure.squeeze(1), -1.0).max() >= confidence):
-                                width = i + 1  # d(i+1) dropped: the round fuses x, d1..di
-                                break
+                            if confidence:  # the drafter's top probability (not its draw's: see above); a copy's is 1
+                                sure = (q if sampling.do_sample else logits.float().softmax(-1)).amax(-1)
+                                if lookups:
+                                    sure = torch.where(copies[:, i] >= 0, 1.0, sure)
+                                if not bool(torch.where(running, sure, -1.0).max() >= confidence):
+                                    width = i + 1  # d(i+1) dropped: the round fuses x, d1..di
+                                    break
                             if sampling.do_sample:
                                 proposals.append(q)
                             drafted.append(feed)

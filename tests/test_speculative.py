@@ -71,6 +71,22 @@ def speculation_totals(lm: DLFLM) -> dict:
     return totals
 
 
+def rounds_read(monkeypatch, lm: DLFLM, batch: int) -> list:
+    """From now, every large-model read of ``lm``'s engine (the prefill's first) as
+    ``(ids as lists, tokens each row had made before it)``: a round's fed x and drafts."""
+    reads, made = [], [0] * batch
+    large = lm.engine.models[lm.engine.large]
+    hidden = large.hidden
+    monkeypatch.setattr(large, "hidden", lambda ids, *a, **k: reads.append((ids.tolist(), list(made))) or hidden(ids, *a, **k))
+
+    def kept(fused, rows, *rest):
+        for row in rows:
+            made[row] += 1
+
+    lm.engine.observer = kept
+    return reads
+
+
 def example_solver():
     sys.path.insert(0, str(REPO / "tests" / "example_solver_plugin"))
     from dlf_example_solver import AgreementSolver
@@ -241,21 +257,13 @@ def test_no_round_is_wider_than_the_tokens_a_row_may_still_make(monkeypatch, loo
     drafter calls and positions), and rounds were cut by it; the tokens equal plain
     decoding's."""
     lm, context, mask, expected = qa_batch(shown=bool(lookup), new_tokens=6)
-    events = []
-    large = lm.engine.models[lm.engine.large]
-    hidden = large.hidden
-    monkeypatch.setattr(large, "hidden", lambda ids, *a, **k: events.append(("read", ids.shape[1])) or hidden(ids, *a, **k))
-    lm.engine.observer = lambda fused, rows, *rest: events.append(("kept", rows))
+    reads = rounds_read(monkeypatch, lm, len(context))
     out = lm.engine.generate_speculative(context, mask, 6, -1, 0, draft=4, lookup=lookup)
     assert out.tolist() == expected.tolist()
-    made, widths = [0] * len(context), []
-    for kind, value in events[1:]:  # after the prefill's read
-        if kind == "kept":
-            for row in value:
-                made[row] += 1
-        else:
-            widths.append(value)
-            assert value <= max(6 - n for n in made if n < 6), (value, made)
+    widths = []
+    for fed, made in reads[1:]:  # after the prefill's read
+        widths.append(len(fed[0]))
+        assert widths[-1] <= max(6 - n for n in made if n < 6), (widths[-1], made)
     if not lookup:  # rounds the expert drafts are 4 wide unless cut
         assert any(width < 4 for width in widths), widths
 
@@ -267,22 +275,14 @@ def test_drafting_stops_where_the_drafter_is_unsure(monkeypatch):
     least 0.5, up to 4 drafts and the tokens left. Rounds were cut both before the first
     draft and after some; the tokens equal plain decoding's."""
     lm, context, mask, expected = qa_batch(shown=False, new_tokens=20)
-    events = []
-    large = lm.engine.models[lm.engine.large]
-    hidden = large.hidden
-    monkeypatch.setattr(large, "hidden", lambda ids, *a, **k: events.append(("read", ids.shape[1])) or hidden(ids, *a, **k))
-    lm.engine.observer = lambda fused, rows, *rest: events.append(("kept", rows))
+    reads = rounds_read(monkeypatch, lm, len(context))
     out = lm.engine.generate_speculative(context, mask, 20, -1, 0, draft=5, confidence=0.5)
     assert out.tolist() == expected.tolist()
     expert = transformers.AutoModelForCausalLM.from_pretrained(REPO / "models" / "toy" / "expert-qa").eval()
     tokens = [row[m.bool()].tolist() for row, m in zip(expected, torch.nn.functional.pad(mask, (0, 20), value=1))]
     shown = mask.sum(1).tolist()  # each row's prompt tokens, padding left out
-    made, widths, brute = [0] * len(context), [], []
-    for kind, value in events[1:]:  # after the prefill's read
-        if kind == "kept":
-            for row in value:
-                made[row] += 1
-            continue
+    widths, brute = [], []
+    for fed, made in reads[1:]:  # after the prefill's read
         live = [r for r in range(len(context)) if made[r] < 20]
         drafts = {r: tokens[r][: shown[r] + made[r]] for r in live}
         width = 1
@@ -293,7 +293,7 @@ def test_drafting_stops_where_the_drafter_is_unsure(monkeypatch):
             for r in live:
                 drafts[r].append(int(probabilities[r].argmax()))
             width += 1
-        widths.append(value)
+        widths.append(len(fed[0]))
         brute.append(width)
     assert widths == brute
     assert 1 in widths and 5 in widths and any(1 < width < 5 for width in widths), widths
@@ -310,16 +310,7 @@ def test_sampled_drafting_stops_on_the_drafters_top_probability_not_its_draw(mon
     lm = DLFLM(registry="toy", experts="qa", solver="static", batch_size=1)
     expert = transformers.AutoModelForCausalLM.from_pretrained(REPO / "models" / "toy" / "expert-qa").eval()
     prompt = lm.tok_encode(PROMPTS["toy_qa"].format("Voustunia"))
-    reads, made = [], [0] * 4
-    large = lm.engine.models[lm.engine.large]
-    hidden = large.hidden
-    monkeypatch.setattr(large, "hidden", lambda ids, *a, **k: reads.append((ids.tolist(), list(made))) or hidden(ids, *a, **k))
-
-    def kept(fused, rows, *rest):
-        for row in rows:
-            made[row] += 1
-
-    lm.engine.observer = kept
+    reads = rounds_read(monkeypatch, lm, 4)
     ids = torch.tensor([prompt] * 4)
     sampling = Sampling(do_sample=True, temperature=1.0, top_k=3)
     out = lm.engine.generate_speculative(ids, torch.ones_like(ids), 12, -1, 0, draft=4, sampling=sampling, confidence=0.5)
