@@ -30,9 +30,9 @@ from dlf_plugin.backends import LocalModel
 from dlf_plugin.engine import DEFAULT_FUSION_MEMORY, FusionEngine, Sampling
 from dlf_plugin.errors import DLFError
 from dlf_plugin.fusion import FusionInputs, dlf_loss
+from dlf_plugin.hooks import make_solver
 from dlf_plugin.registry import DTYPES, RegistryError, load_registry
 from dlf_plugin.remote import RemoteModel
-from dlf_plugin.solvers.base import make_solver
 from dlf_plugin.trace import TraceWriter
 
 logger = logging.getLogger(__name__)

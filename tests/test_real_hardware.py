@@ -18,8 +18,9 @@ from dlf_plugin import tiny_models
 from dlf_plugin.allocations import AllocationMeter, measure_allocations
 from dlf_plugin.backends import ModelFault
 from dlf_plugin.engine import Sampling
+from dlf_plugin.hooks import make_solver
 from dlf_plugin.lm import DLFLM
-from dlf_plugin.solvers.base import DeclaredMemory, make_solver
+from dlf_plugin.solvers.base import DeclaredMemory
 from dlf_plugin.syncs import count_syncs
 from dlf_plugin.tiny_models import peaked_fusion_inputs
 

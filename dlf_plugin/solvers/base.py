@@ -118,58 +118,6 @@ def number_option(solver: str, option: str, value: Any, low: float = -math.inf, 
     return number
 
 
-def make_solver(
-    name: str, pair_names: Sequence[str], options: dict[str, Any], other_keys: Sequence[str] = ()
-) -> tuple[Solver, str]:
-    """Build the solver registered as ``name`` with ``options``; returns it and its plugin name.
-
-    ``other_keys`` are the caller's own argument names, listed beside the solver's options
-    when an option is unknown.
-
-    Raises:
-        SolverOptionError: unknown solver name, unknown option or invalid value.
-    """
-    from dlf_plugin.hooks import get_solvers
-
-    solvers = get_solvers()
-    if name not in solvers:
-        raise SolverOptionError(
-            f"model_args solver={name!r} is not a registered solver; choose one of: "
-            f"{', '.join(sorted(solvers))} (third-party solvers come from installed plugins)"
-        )
-    cls, plugin = solvers[name]
-    accepted = cls.option_names()
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        ours = f"dlf accepts {', '.join(other_keys)}, and " if other_keys else ""
-        raise SolverOptionError(
-            f"model_args: unknown key(s) {', '.join(unknown)}; {ours}solver {name!r} accepts "
-            f"{', '.join(accepted) or 'no options'} (plugin {plugin!r})"
-        )
-    try:
-        solver = cls(pair_names, **options)
-    except SolverOptionError:
-        raise
-    except Exception as exc:
-        raise SolverError(f"solver {name!r} (plugin {plugin!r}) failed to start: {exc!r}") from exc
-    _check_started(solver, name, plugin)
-    return solver, plugin
-
-
-def _check_started(solver: Solver, name: str, plugin: str) -> None:
-    """A solver must have run ``Solver.__init__`` and hold bounds that are numbers, low <= high."""
-    where = f"solver {name!r} (plugin {plugin!r})"
-    if not hasattr(solver, "pair_names"):
-        raise SolverError(f"{where}: {type(solver).__name__}.__init__ never called Solver.__init__ (add super().__init__(pair_names))")
-    bounds = getattr(solver, "bounds", None)
-    try:
-        low, high = (float(b) for b in bounds)
-    except (TypeError, ValueError):
-        raise SolverError(f"{where}: bounds must be two numbers (low, high), got {bounds!r}") from None
-    if math.isnan(low) or math.isnan(high) or low > high:
-        raise SolverError(f"{where}: bounds must be numbers with low <= high, got {bounds!r}")
-
-
 def checked_solve(solver: Solver, plugin: str, inputs: FusionInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``solver`` and check its answer without a device sync.
 
