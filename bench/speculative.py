@@ -3,6 +3,7 @@ toy world's tasks through lm-eval.
 
     python bench/speculative.py [--split dev|test] [--drafts 2 3 4 6] [--lookups 0 8] [--confidences 0 0.3]
                                 [--batches 1 8] [--limit 100] [--long] [--device cpu|cuda] [--temperature T]
+                                [--chosen 1:6,4,0.2 8:3,4,0]
 
 Each seen task is fused with its own pair (its expert drafts). Per batch size and
 configuration (k = ``speculate``, each with every ``lookup`` n of ``--lookups`` (0: off) and
@@ -12,9 +13,9 @@ by a hook on the large model's body), and wall time per generated token against 
 decoding and against the large model alone (lm-eval's HFLM), timed in turns in one process.
 Every greedy speculative run's texts are compared with plain decoding's (a target counts those
 unlike). The best configuration is chosen on ``--split dev`` (the fastest at each batch size);
-``--split test`` only reports: its targets are the first configuration's (``--drafts``,
-``--lookups`` and ``--confidences`` then start with the one chosen on dev), the others are
-shown beside it.
+``--split test`` only reports: its targets are, per batch size, the configuration
+``--chosen`` names for it (``BATCH:K,N,C``, chosen on dev), else the first of ``--drafts``,
+``--lookups`` and ``--confidences``; the others are shown beside it.
 ``--temperature T`` (with ``--long``) samples instead: texts differ from plain decoding's and
 are not compared (tests/test_speculative.py checks the distribution); times per token still
 divide by the speculative runs' token count, 32 per prompt unless a row draws EOS.
@@ -131,7 +132,19 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="generate 32 tokens per prompt instead of the answer's line")
     ap.add_argument("--device", default="cpu", help="where every model runs (model_args placement; hf's device)")
     ap.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (with --long); 0: greedy")
+    ap.add_argument("--chosen", nargs="+", default=[], metavar="BATCH:K,N,C",
+                    help="--split test: the configuration chosen on dev for a batch size (speculate, lookup, draft_confidence), measured first and judged by the targets")
     args = ap.parse_args()
+    chosen = {}
+    for given in args.chosen:
+        try:
+            batch, config = given.split(":")
+            k, n, c = config.split(",")
+            chosen[int(batch)] = (int(k), int(n), float(c))
+        except ValueError:
+            ap.error(f"--chosen {given!r}: write BATCH:K,N,C, e.g. 1:6,4,0.2")
+    if chosen and (args.split != "test" or set(chosen) - set(args.batches)):
+        ap.error("--chosen names the configurations chosen on dev, for --split test and batch sizes of --batches")
     if args.temperature and not args.long:
         ap.error("--temperature needs --long (sampled answer lines end at different lengths)")
     gen_kwargs = {**LONG, **({"do_sample": True, "temperature": args.temperature} if args.temperature else {})} if args.long else None
@@ -147,15 +160,18 @@ def main() -> None:
     ok = True
     best = {}
     differing = collections.Counter()  # greedy speculative texts unlike plain decoding's, per batch size
+    first = {}  # per batch size: the configuration the targets judge on test
     for batch in args.batches:
+        configs_here = ([chosen[batch]] if batch in chosen else []) + [c for c in configs if c != chosen.get(batch)]
+        first[batch] = configs_here[0]
         large = HFLM(pretrained=registry.models[registry.large].location, device=args.device, dtype="float32", batch_size=batch)
-        rows, spent = {}, {k: collections.Counter() for k in [0, *configs]}
+        rows, spent = {}, {k: collections.Counter() for k in [0, *configs_here]}
         for pair, task in tasks.items():
             lms = {0: DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device)}
             lms.update({(k, n, c): DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device, speculate=k, lookup=n, draft_confidence=c)
-                        for k, n, c in configs})
+                        for k, n, c in configs_here})
             counters = {k: Passes(lm.engine.models[registry.large].model) for k, lm in lms.items()}
-            stats = {k: dict(drafted=0, accepted=0, tokens=0, rounds=0, lookup_rounds=0) for k in configs}
+            stats = {k: dict(drafted=0, accepted=0, tokens=0, rounds=0, lookup_rounds=0) for k in configs_here}
             calls = dict.fromkeys(lms, 0)  # generate calls: one prefill pass of the large model each
             for k, lm in lms.items():
                 name = "generate_speculative" if k else "generate"
@@ -179,21 +195,20 @@ def main() -> None:
                 _, seconds = run(large, task, manager, args.limit, gen_kwargs)
                 times["large"].append(seconds)
             if not args.temperature:  # greedy: the same texts as plain decoding (reported, not asserted: a run goes on)
-                for k in configs:
+                for k in configs_here:
                     differing[batch] += sum(a != b for a, b in zip(texts[k], texts[0]))
             # Tokens per run: the speculative engine counts them (the same tokens as plain).
-            k0 = configs[0]
-            tokens = stats[k0]["tokens"] / args.repeats
+            tokens = stats[first[batch]]["tokens"] / args.repeats
             per = {k: statistics.median(t) / tokens for k, t in times.items()}
             # Large passes per token: all of them (a prefill per batch included), and in the
             # decoding phase only (rounds or steps after each request's first token).
             # Per sequence: against plain fused decoding, which makes one pass per token and
             # sequence (a batched pass serves every row of its batch); at batch 1, per token.
             rows[task] = (tokens, per, {k: counters[k].count / counters[0].count for k in lms},
-                          {k: stats[k]["accepted"] / max(1, stats[k]["drafted"]) for k in configs},
+                          {k: stats[k]["accepted"] / max(1, stats[k]["drafted"]) for k in configs_here},
                           {k: (counters[k].count - calls[k]) / (counters[0].count - calls[0]) for k in lms},
                           {k: (counters[k].count, calls[k]) for k in lms},
-                          {k: stats[k]["lookup_rounds"] / max(1, stats[k]["rounds"]) for k in configs})
+                          {k: stats[k]["lookup_rounds"] / max(1, stats[k]["rounds"]) for k in configs_here})
             # After the counts above are taken: the run below counts tokens and passes too.
             for k, lm in lms.items():
                 spent[k].update(parts(lm, task, manager, args.limit, gen_kwargs, args.device, registry.pairs[pair]))
@@ -202,11 +217,11 @@ def main() -> None:
         for task, (tokens, per, passes, accept, decoding, _, lookups) in rows.items():
             print(f"  {task:<14} {tokens:6.0f} tokens  plain fused {per[0] * 1e3:6.2f}  large alone {per['large'] * 1e3:6.2f}  "
                   f"large passes {passes[0]:.2f} ({decoding[0]:.2f} after the first)")
-            for k in configs:
+            for k in configs_here:
                 print(f"      {label(k)}: {per[k] * 1e3:6.2f} ms ({per[k] / per[0]:.2f}x plain, {per[k] / per['large']:.2f}x large alone), "
                       f"large passes {passes[k]:.2f} ({decoding[k]:.2f} after the first), {100 * accept[k]:.0f}% of drafts accepted"
                       + (f", {100 * lookups[k]:.0f}% of rounds drafted by lookup alone" if k[1] else ""))
-        for k in configs:
+        for k in configs_here:
             passes = sum(r[5][k][0] for r in rows.values()) / sum(r[5][0][0] for r in rows.values())
             after_first = sum(r[5][k][0] - r[5][k][1] for r in rows.values()) / sum(r[5][0][0] - r[5][0][1] for r in rows.values())
             ratio = sum(r[0] * r[1][k] for r in rows.values()) / sum(r[0] * r[1][0] for r in rows.values())
@@ -215,12 +230,13 @@ def main() -> None:
                   f"per token and sequence ({after_first:.3f} after each request's first token)")
             best.setdefault(batch, {})[k] = (passes, ratio, after_first)
         tokens = sum(r[0] for r in rows.values())
+        wide = max(len(label(k)) for k in spent)
         print(f"  where the time goes, ms per generated token (one more run of each, timed call by call):\n"
-              f"  {'':<24}" + "".join(f"{p:>15}" for p in (*PARTS, "rest", "total")))
+              f"  {'':<{wide}}" + "".join(f"{p:>15}" for p in (*PARTS, "rest", "total")))
         for k, seconds in spent.items():
-            print(f"  {label(k):<24}" + "".join(f"{seconds[p] / tokens * 1e3:15.2f}" for p in (*PARTS, "rest", "total")))
+            print(f"  {label(k):<{wide}}" + "".join(f"{seconds[p] / tokens * 1e3:15.2f}" for p in (*PARTS, "rest", "total")))
         forwards = {k: sum(seconds[p] for p in PARTS[:3]) for k, seconds in spent.items()}
-        for k in configs:
+        for k in configs_here:
             print(f"  {label(k)}: the models' forward calls alone take {forwards[k] / forwards[0]:.2f}x plain fused's: the time "
                   "ratio if the heads, the solver and the rest cost nothing")
     sampled = f"_sampled_t{args.temperature:g}" if args.temperature else ""  # the issue's targets are greedy's
@@ -228,7 +244,7 @@ def main() -> None:
         for batch in args.batches:
             ok &= target(f"speculative_texts_unlike_plain_batch{batch}", differing[batch], 0)
     for batch, by_k in best.items():
-        k = min(by_k, key=lambda k: by_k[k][1]) if args.split == "dev" else configs[0]
+        k = min(by_k, key=lambda k: by_k[k][1]) if args.split == "dev" else first[batch]
         print(f"\nbatch {batch}: {'fastest' if args.split == 'dev' else 'chosen on dev'}: {label(k)}")
         ok &= target(f"speculative_large_passes_per_token_batch{batch}{sampled}", by_k[k][0], 0.5)
         print(f"  (decoding phase only, after each request's first token: {by_k[k][2]:.3f})")
