@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 import reference
 from dlf_plugin import fusion
 from dlf_plugin.fusion import FusionInputs
-from dlf_plugin.solvers.dlf import ExactSolver, GridSolver, JointSolver
+from dlf_plugin.solvers.dlf import ExactSolver, GridSolver, JointSolver, _Problem, _Search
 from dlf_plugin.solvers.static import StaticSolver
 from dlf_plugin.tiny_models import peaked_fusion_inputs
 
@@ -275,6 +277,42 @@ def test_float32_solution_matches_float64_on_peaked_logits():
     assert float((w32.double() - w64).abs().max()) < 2e-4
     assert bool((loss32 <= loss64 + 1e-7).all())
     assert bool((loss32 <= grid + 1e-7).all())
+
+
+def test_a_grid_point_under_a_tiny_best_loss_stays_open():
+    """Near the optimum the loss is tiny (1e-7 on the toy world). A grid point whose lower bound
+    lies under the best loss by more than rounding stays open however small that loss is (a
+    margin of 1e3 eps in absolute terms, 1e-4 in float32, closed every point under it). With
+    t = 0 alone evaluated (f = g = 0), nothing bounds f or g from above past it: every other
+    grid point's bound is 0, under the best loss, the targets' own square."""
+    gen = torch.Generator().manual_seed(3)
+    small = torch.randn(4, 1, 500, generator=gen) * 3
+    inputs = FusionInputs(torch.randn(4, 500, generator=gen) * 3, small, small + 0.02 * torch.randn(4, 1, 500, generator=gen),
+                          torch.ones(4, dtype=torch.bool))
+    search = _Search(_Problem(inputs), 0.0, 2.0, 1e-7, adaptive=False)
+    assert bool(((search.best_loss > 1e-9) & (search.best_loss < 1e-4)).all()), search.best_loss
+    bound, open_ = search._bounds(ExactSolver(["p"])._grid(search.lo))
+    assert bool((bound[..., 1:] == 0).all()) and bool(open_[..., 1:].all()) and not bool(open_[..., 0].any())
+
+
+def test_the_fixed_schedule_certifies_no_weight_dlf_grid_beats_where_losses_are_tiny():
+    """One position of the toy world (``tests/data/small_loss_position.safetensors``: the large
+    base's, the small base's and expert-qa's float32 logits at a position of plain fused greedy
+    decoding of toy_qa_dev) where the fixed schedule's three Halley rounds end far from the
+    minimum (t = 1.133, loss 1.3e-7), so the best point it has evaluated is t = 0 (loss 6.9e-5);
+    dlf-grid's t = 1.1 does 28 times better. It used to certify t = 0 (every grid point closed
+    under 1e-4); it must evaluate the open points and polish the better one: certified, no
+    worse than dlf-grid in float64, at the adaptive schedule's weight."""
+    logits = load_file(Path(__file__).parent / "data" / "small_loss_position.safetensors")
+    inputs = FusionInputs(logits["base_logits"], logits["small_logits"], logits["expert_logits"], torch.ones(1, dtype=torch.bool))
+    exact = FusionInputs(*(x.double() for x in (inputs.base_logits, inputs.small_logits, inputs.expert_logits)), inputs.row_mask)
+    grid = fusion.dlf_loss(exact, GridSolver(["p"]).solve(inputs).double())
+    solver = ExactSolver(["p"], schedule="fixed")
+    weights = solver.solve(inputs)
+    adaptive = ExactSolver(["p"], schedule="adaptive").solve(inputs)
+    assert not bool(solver.uncertified_rows[0])
+    assert float(fusion.dlf_loss(exact, weights.double())[0]) <= float(grid[0])
+    assert float(weights[0, 0]) == pytest.approx(float(adaptive[0, 0]), abs=5e-3) and float(adaptive[0, 0]) == pytest.approx(1.133, abs=1e-3)
 
 
 @pytest.mark.parametrize("schedule", ["adaptive", "fixed"])

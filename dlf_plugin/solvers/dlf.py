@@ -567,8 +567,18 @@ class _Search:
         bound = da.mul_(da).addcmul_(db, db)
         seen = ((ts - x).abs_() <= self.tol).any(-1)  # grid point already evaluated
         best = self.best_loss.unsqueeze(-1)
-        open_ = ~seen & (bound < best - 1e3 * torch.finfo(values.dtype).eps * (1 + best))
+        open_ = ~seen & (bound < best - self._loss_rounding(best))
         return bound, open_
+
+    def _loss_rounding(self, loss: torch.Tensor) -> torch.Tensor:
+        """How far rounding may move a loss ``[N, P, ...]`` computed from f and g: each is off
+        by up to ``rounding`` (delta), so (f - a)^2 + (g - b)^2 by up to 2 delta (|F| + |G|) +
+        2 delta^2 <= 2 delta sqrt(2 L) + 2 delta^2, here with a factor of 4 to spare, and the
+        sum's own rounding. Near the optimum L is tiny (1e-7 on the toy world), far below any
+        margin fixed in absolute terms: one of 1e3 eps (1e-4 in float32) closed every grid
+        point wherever the best loss was under it, and certified rows dlf-grid beats."""
+        delta = self.rounding.view(-1, *([1] * (loss.dim() - 1)))
+        return loss.sqrt().add_(delta).mul_(delta).mul_(8).add_(loss, alpha=64 * torch.finfo(loss.dtype).eps)
 
     def open_points(self, grid) -> torch.Tensor:
         """``[N, P, J]`` bool: grid points that might still beat the answer."""
