@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import reference
 from dlf_plugin import fusion
 from dlf_plugin.fusion import FusionInputs
+from dlf_plugin.solvers import dlf as dlf_solvers
 from dlf_plugin.solvers.dlf import ExactSolver, GridSolver, JointSolver, _Problem, _Search
 from dlf_plugin.solvers.static import StaticSolver
 from dlf_plugin.tiny_models import peaked_fusion_inputs
@@ -295,7 +296,7 @@ def test_a_grid_point_under_a_tiny_best_loss_stays_open():
     assert bool((bound[..., 1:] == 0).all()) and bool(open_[..., 1:].all()) and not bool(open_[..., 0].any())
 
 
-def test_the_fixed_schedule_certifies_no_weight_dlf_grid_beats_where_losses_are_tiny():
+def test_the_fixed_schedule_certifies_no_weight_dlf_grid_beats_where_losses_are_tiny(monkeypatch):
     """One position of the toy world (``tests/data/small_loss_position.safetensors``: the large
     base's, the small base's and expert-qa's float32 logits at a position of plain fused greedy
     decoding of toy_qa_dev) where the fixed schedule's three Halley rounds end far from the
@@ -303,6 +304,7 @@ def test_the_fixed_schedule_certifies_no_weight_dlf_grid_beats_where_losses_are_
     dlf-grid's t = 1.1 does 28 times better. It used to certify t = 0 (every grid point closed
     under 1e-4); it must evaluate the open points and polish the better one: certified, no
     worse than dlf-grid in float64, at the adaptive schedule's weight."""
+    monkeypatch.setattr(dlf_solvers, "FIXED_ROUNDS", 3)  # the rounds it had then; 8 now reach the minimum
     logits = load_file(Path(__file__).parent / "data" / "small_loss_position.safetensors")
     inputs = FusionInputs(logits["base_logits"], logits["small_logits"], logits["expert_logits"], torch.ones(1, dtype=torch.bool))
     exact = FusionInputs(*(x.double() for x in (inputs.base_logits, inputs.small_logits, inputs.expert_logits)), inputs.row_mask)
