@@ -251,10 +251,11 @@ class ExactSolver(_WorkspaceSolver):
         self.uncertified_rows = None  # [N] bool, the last solve's
 
     def working_rows(self, num_pairs: int) -> int:
-        # _Problem's deltas, scratch and gathered directions [N, P, V], P [N, V]; and one row
-        # for the search's bounds ([N, P, 21, E], E points kept: about 8 KB per row and pair
-        # in all, which a row of V covers up to 16 pairs at V = 32,000).
-        return 3 * num_pairs + 2
+        # _Problem's deltas, scratch and gathered directions [N, P, V], P [N, V]; and for the
+        # search's bounds ([N, P, 21, E], E points kept, which grows with P: the fixed schedule
+        # certifies 2 P points a row and round) one row, and P^2 / 64 more, at V >= 32,000
+        # (measured there with 8 Halley rounds: 51.8 rows at 16 pairs, 106.4 at 32).
+        return 3 * num_pairs + 2 + num_pairs * num_pairs // 64
 
     def solve(self, inputs: FusionInputs) -> torch.Tensor:
         problem = _Problem(inputs, self.workspace)
