@@ -581,8 +581,8 @@ class _Search:
     def _loss_rounding(self, loss: torch.Tensor) -> torch.Tensor:
         """How far rounding may move a loss ``[N, P, ...]`` computed from f and g: each is off
         by up to ``rounding`` (delta), so (f - a)^2 + (g - b)^2 by up to 2 delta (|F| + |G|) +
-        2 delta^2 <= 2 delta sqrt(2 L) + 2 delta^2, here with a factor of 4 to spare, and the
-        sum's own rounding. Near the optimum L is tiny (1e-7 on the toy world), far below any
+        2 delta^2 <= 2 delta sqrt(2 L) + 2 delta^2; taken as 8 delta (sqrt(L) + delta), about
+        three times that, plus the sum's own rounding. Near the optimum L is tiny (1e-7 on the toy world), far below any
         margin fixed in absolute terms: one of 1e3 eps (1e-4 in float32) closed every grid
         point wherever the best loss was under it, and certified rows dlf-grid beats."""
         delta = self.rounding.view(-1, *([1] * (loss.dim() - 1)))
