@@ -14,6 +14,7 @@ import yaml
 from lm_eval.api.instance import Instance
 
 import reference
+from toy_prompts import dev_prompts
 from dlf_plugin import tiny_models
 from dlf_plugin.allocations import AllocationMeter, measure_allocations
 from dlf_plugin.backends import ModelFault
@@ -445,27 +446,22 @@ def test_fixed_schedule_certifies_most_positions_of_the_toy_worlds_models():
     rounds it had until 2026-12-07 (chosen on peaked logits), it certified 32% and picked the
     adaptive token at 96.5%; with 8, 89% and 99.0%."""
     import dataclasses
-    import json
 
-    from dlf_plugin.fusion import FusionInputs
+    from dlf_plugin.fusion import FusionInputs, fuse
     from dlf_plugin.solvers.dlf import ExactSolver
 
     lm = DLFLM(registry="toy", experts="all", batch_size=8)
-    prompts = {"toy_qa": "Question: What is the capital of {}?\nAnswer:", "toy_fill": "Fill in the blank.\nThe emblem of {} is the ___.\nBlank:",
-               "toy_num": "Record: founding of {}.\n####", "toy_table": "kingdom | ruler\n{} |"}
-    dev = Path(__file__).resolve().parent.parent / "tasks" / "toy" / "data" / "dev"
-    texts = [prompt.format(json.loads(line)["entity"]) for task, prompt in prompts.items() for line in (dev / f"{task}.jsonl").read_text().splitlines()[:8]]
     seen = []
     solve = lm.engine.solver.solve
-    lm.engine.solver.solve = lambda inputs: seen.append({k: v.clone() for k, v in dataclasses.asdict(inputs).items()}) or solve(inputs)
-    context, mask = lm.tok_batch_encode(texts)
+    lm.engine.solver.solve = lambda inputs: seen.append({f.name: getattr(inputs, f.name).clone() for f in dataclasses.fields(inputs)}) or solve(inputs)
+    context, mask = lm.tok_batch_encode(dev_prompts(8))
     lm.engine.generate(context, mask, 16, Sampling(), -1, 0)
     inputs = FusionInputs(*(torch.cat([s[k] for s in seen]) for k in ("base_logits", "small_logits", "expert_logits", "row_mask")))
     assert inputs.base_logits.shape[0] == 512 and inputs.num_pairs == 4
     names = [f"p{k}" for k in range(4)]
     fixed = ExactSolver(names, schedule="fixed")
     weights = {"fixed": fixed.solve(inputs), "adaptive": ExactSolver(names, schedule="adaptive").solve(inputs)}
-    chosen = {name: (inputs.base_logits + (w[:, :, None] * (inputs.expert_logits - inputs.small_logits)).sum(1)).argmax(-1) for name, w in weights.items()}
+    chosen = {name: fuse(inputs.base_logits, inputs.deltas(), w).argmax(-1) for name, w in weights.items()}
     assert float(fixed.uncertified_rows.float().mean()) <= 0.15
     assert float((chosen["fixed"] == chosen["adaptive"]).float().mean()) >= 0.98
 

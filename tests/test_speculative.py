@@ -5,7 +5,6 @@ expert agrees with the fusion."""
 from __future__ import annotations
 
 import collections
-import json
 import random
 import sys
 from pathlib import Path
@@ -16,30 +15,20 @@ import transformers
 from lm_eval.api.instance import Instance
 
 import reference
+from toy_prompts import PROMPTS, dev_prompts
 from dlf_plugin.engine import Sampling, _Lookup, speculative_choice
 from dlf_plugin.lm import DLFLM
 from dlf_plugin.registry import RegistryError
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPTS = {  # the toy tasks' prompts (tasks/toy/*.yaml)
-    "toy_qa": "Question: What is the capital of {}?\nAnswer:",
-    "toy_fill": "Fill in the blank.\nThe emblem of {} is the ___.\nBlank:",
-    "toy_num": "Record: founding of {}.\n####",
-    "toy_table": "kingdom | ruler\n{} |",
-}
 
 
 def toy_requests(count: int, until=("\n",), max_gen_toks: int = 12, shown: bool = False):
     """Dev kingdoms' prompts of every seen task, interleaved (ragged lengths, rows that agree
     with the drafter more or less). ``shown``: each prompt after one solved example of its
     task (the next dev kingdom's), a context to copy drafts from."""
-    rows = []
-    for task, prompt in PROMPTS.items():
-        docs = [json.loads(line) for line in (REPO / "tasks" / "toy" / "data" / "dev" / f"{task}.jsonl").read_text().splitlines()[: count + 1]]
-        for doc, solved in zip(docs[:count], docs[1:]):
-            rows.append((f"{prompt.format(solved['entity'])} {solved['answer']}\n" if shown else "") + prompt.format(doc["entity"]))
     kwargs = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False}
-    return [Instance("generate_until", None, (text, dict(kwargs)), i) for i, text in enumerate(rows)]
+    return [Instance("generate_until", None, (text, dict(kwargs)), i) for i, text in enumerate(dev_prompts(count, shown))]
 
 
 def shown_requests(count: int):
