@@ -32,14 +32,17 @@ def fused_logits(models: dict, large: str, pairs: list[tuple[str, str, float]], 
     return fused
 
 
-def continuation_logprob(models, large, pairs, context: list[int], continuation: list[int], vocab: int, pair_contexts=None) -> tuple[float, bool]:
+def continuation_logprob(models, large, pairs, context: list[int], continuation: list[int], vocab: int, pair_contexts=None, weights=None) -> tuple[float, bool]:
     """log p(continuation | context) under the fused model, and whether it is the fused greedy
-    choice; with views, pair k reads ``pair_contexts[k]`` followed by the same continuation."""
+    choice; with views, pair k reads ``pair_contexts[k]`` followed by the same continuation.
+    ``weights``, if given, holds each continuation position's weights (one per pair, as a
+    dynamic solver chose them) in place of the pairs' own."""
     total, greedy = 0.0, True
     tokens = list(context)
     own = None if pair_contexts is None else [list(c) for c in pair_contexts]
-    for token in continuation:
-        log_probs = torch.log_softmax(fused_logits(models, large, pairs, tokens, vocab, own), dim=-1)
+    for i, token in enumerate(continuation):
+        here = pairs if weights is None else [(expert, base, w) for (expert, base, _), w in zip(pairs, weights[i], strict=True)]
+        log_probs = torch.log_softmax(fused_logits(models, large, here, tokens, vocab, own), dim=-1)
         total += float(log_probs[token])
         greedy &= int(log_probs.argmax()) == token
         tokens.append(token)

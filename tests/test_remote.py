@@ -19,6 +19,8 @@ from dlf_plugin import loading, tiny_models
 from dlf_plugin.lm import DLFLM
 from dlf_plugin.registry import RegistryError
 from dlf_plugin.remote import ServerError
+from dlf_plugin.trace import read as read_trace
+import reference
 from servers import StandIn, free_port, llama_server, toy_registry
 from test_bad_input import write_registry
 from test_against_reference import CONTEXTS, gen_requests, ll_requests
@@ -38,27 +40,61 @@ def large(tiny_models_loaded):
     return tiny_models_loaded["large"]
 
 
+def traced_scores(path) -> dict:
+    """A score trace's requests: ``{(prompt, tokens): (weights per position, loss per position)}``
+    (prompt: the context string, None for rolling windows)."""
+    requests = {}
+    for record in (r for r in read_trace(path) if r["kind"] == "score"):
+        prompt, tokens, weights, losses = requests.setdefault(record["request"], (record.get("prompt"), [], [], []))
+        assert record["position"] == len(tokens)
+        tokens.append(record["token"])
+        weights.append(list(record["weights"].values()))
+        losses.append(record["loss"])
+    return {(prompt, tuple(tokens)): (weights, losses) for prompt, tokens, weights, losses in requests.values()}
+
+
 @pytest.mark.parametrize("solver", ["static", "dlf"])
-def test_full_support_equals_the_local_backend(tmp_path, tiny_world, large, solver):
+def test_full_support_equals_the_local_backend(tmp_path, tiny_world, tiny_models_loaded, solver):
     """top_n = the vocabulary: loglikelihoods to 1e-4, greedy generations token for token,
     batched, with stop strings; rolling loglikelihoods too.
 
-    These random models give loglikelihoods of -250 to -650; the dlf solver's float32
-    rounding alone moves them by up to 1.9e-4 between batch sizes 1 and 3 of the local
-    backend, so dlf's are compared to 2e-6 relative (the server's float32 log-softmax rounds
-    differently from the local head)."""
-    local = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver=solver, batch_size="3")
-    with StandIn(large, "tiny-large") as server:
-        remote = DLFLM(registry=served_registry(tmp_path, tiny_world, server.url), experts="a1+b", solver=solver, batch_size="3")
-        ours, theirs = remote.loglikelihood(ll_requests()), local.loglikelihood(ll_requests())
-        rolling = [Instance("loglikelihood_rolling", None, (c + x,), i) for i, (c, x) in enumerate(CONTEXTS)]
-        ours_rolling, theirs_rolling = remote.loglikelihood_rolling(rolling), local.loglikelihood_rolling(rolling)
+    With ``dlf`` the weights are solved from the server's float32 log-softmax, which rounds
+    otherwise than the local head, and are only as exact as the float32 solver (its steps
+    stop at ~1e-4); on these random models a weight 2e-5 off moves a loglikelihood by 1e-3.
+    So each loglikelihood, remote and local, is checked against the float64 brute force at
+    the weights its own trace records, and the two runs' objective values per position
+    against each other (test_dynamic_solver_batched_equals_alone's rule)."""
+    traces = {side: tmp_path / f"{side}.jsonl" for side in ("local", "remote")}
+    traced = dict(trace=str(traces["local"])) if solver == "dlf" else {}
+    local = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver=solver, batch_size="3", **traced)
+    rolling = [Instance("loglikelihood_rolling", None, (c + x,), i) for i, (c, x) in enumerate(CONTEXTS)]
+    with StandIn(tiny_models_loaded["large"], "tiny-large") as server:
+        traced = dict(trace=str(traces["remote"])) if solver == "dlf" else {}
+        remote = DLFLM(registry=served_registry(tmp_path, tiny_world, server.url), experts="a1+b", solver=solver, batch_size="3", **traced)
+        ours, ours_rolling = remote.loglikelihood(ll_requests()), remote.loglikelihood_rolling(rolling)
         generated = remote.generate_until(gen_requests())
-    tolerance = dict(abs=1e-4) if solver == "static" else dict(abs=1e-4, rel=2e-6)
-    for (lp, greedy), (ref_lp, ref_greedy) in zip(ours, theirs):
-        assert lp == pytest.approx(ref_lp, **tolerance)
-        assert greedy == ref_greedy
-    assert ours_rolling == pytest.approx(theirs_rolling, **tolerance)
+    theirs, theirs_rolling = local.loglikelihood(ll_requests()), local.loglikelihood_rolling(rolling)
+    if solver == "static":
+        for (lp, greedy), (ref_lp, ref_greedy) in zip(ours, theirs):
+            assert lp == pytest.approx(ref_lp, abs=1e-4)
+            assert greedy == ref_greedy
+        assert ours_rolling == pytest.approx(theirs_rolling, abs=1e-4)
+    else:
+        sides = {side: traced_scores(path) for side, path in traces.items()}
+        assert sides["remote"].keys() == sides["local"].keys()
+        pairs = [(p.expert, p.base, None) for p in local.pair_specs]
+        vocab = local.engine.vocab_size
+        scored = [(context, *local._encode_pair(context, continuation)) for context, continuation in CONTEXTS]
+        scored += [(None, [local.prefix_token_id], local.tok_encode(c + x)) for c, x in CONTEXTS]  # one window each
+        answers = {"remote": [lp for lp, _ in ours] + ours_rolling, "local": [lp for lp, _ in theirs] + theirs_rolling}
+        for side, lps in answers.items():
+            for (prompt, context, continuation), lp in zip(scored, lps, strict=True):
+                weights, _ = sides[side][(prompt, tuple(continuation))]
+                ref_lp, _ = reference.continuation_logprob(tiny_models_loaded, "large", pairs, context, continuation, vocab, weights=weights)
+                assert lp == pytest.approx(ref_lp, abs=1e-4, rel=1e-5), (side, prompt)
+        for key, (_, losses) in sides["remote"].items():
+            assert losses == pytest.approx(sides["local"][key][1], rel=1e-3, abs=1e-6)
+        assert [g for _, g in ours] == [g for _, g in theirs]
     assert generated == local.generate_until(gen_requests())
     assert any(g for g in generated)  # something was generated before the stops
     info = remote.get_model_info()["dlf"]["models"]["large"]
