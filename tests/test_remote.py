@@ -91,7 +91,7 @@ def test_full_support_equals_the_local_backend(tmp_path, tiny_world, tiny_models
             for (prompt, context, continuation), lp in zip(scored, lps, strict=True):
                 weights, _ = sides[side][(prompt, tuple(continuation))]
                 ref_lp, _ = reference.continuation_logprob(tiny_models_loaded, "large", pairs, context, continuation, vocab, weights=weights)
-                assert lp == pytest.approx(ref_lp, abs=1e-4, rel=1e-5), (side, prompt)
+                assert lp == pytest.approx(ref_lp, abs=1e-4), (side, prompt)  # 1.1e-5 at most here
         for key, (_, losses) in sides["remote"].items():
             assert losses == pytest.approx(sides["local"][key][1], rel=1e-3, abs=1e-6)
         assert [g for _, g in ours] == [g for _, g in theirs]
