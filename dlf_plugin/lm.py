@@ -8,6 +8,7 @@ positions; generation keeps one KV cache per model.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import importlib.metadata
 import json
@@ -246,6 +247,7 @@ class DLFLM(HFLM):
         self.tracer = TraceWriter(trace, self.tok_decode) if trace else None
         self._ignored_gen_kwargs: set[str] = set()  # warned about once
         self._widest_generation: tuple[int, int, Sampling] | None = None  # batch_size auto's generation trial
+        self._speculation = collections.Counter()  # the engines' speculation counts, summed over generate calls
 
     # -- construction from lm-eval's model_args ---------------------------------------------
 
@@ -707,7 +709,9 @@ class DLFLM(HFLM):
         try:
             if self.round_width == 1:
                 return self.engine.generate(context, attention_mask, sampling=sampling, **common)
-            return self.engine.generate_speculative(context, attention_mask, draft=max(self.speculate, 1), lookup=self.lookup, confidence=self.draft_confidence, sampling=sampling, **common)
+            out = self.engine.generate_speculative(context, attention_mask, draft=max(self.speculate, 1), lookup=self.lookup, confidence=self.draft_confidence, sampling=sampling, **common)
+            self._speculation.update(self.engine.speculation, calls=1)
+            return out
         finally:
             self.engine.observer = None
 
@@ -739,6 +743,7 @@ class DLFLM(HFLM):
                 **({"speculate": self.speculate} if self.speculate > 1 else {}),
                 **({"lookup": self.lookup} if self.lookup else {}),
                 **({"draft_confidence": self.draft_confidence} if self.draft_confidence else {}),
+                **({"speculation": self._speculation_report()} if self.round_width > 1 else {}),
                 "shots": self.shots,
                 "views": self._describe_views(),
                 **({"routes": dict(self.routes)} if self.routed else {}),
@@ -761,6 +766,16 @@ class DLFLM(HFLM):
                     "context tokens", view.name, differs,
                 )
         return described
+
+    def _speculation_report(self) -> dict:
+        """What speculative decoding did over the run's generations: ``calls`` (generate calls,
+        one prefill pass of the large model each), ``rounds`` (its passes after them),
+        ``lookup_rounds`` (rounds drafted by copies alone), ``drafted`` (drafts made for running
+        rows, ``copied`` of them from the context), ``accepted`` (those the fusion kept, up to
+        each row's first refusal; a row's stop may then cut some off), ``tokens`` generated, and
+        ``acceptance`` = accepted / drafted."""
+        counts = {key: self._speculation[key] for key in ("calls", "rounds", "lookup_rounds", "drafted", "copied", "accepted", "tokens")}
+        return {**counts, "acceptance": counts["accepted"] / counts["drafted"] if counts["drafted"] else None}
 
     def _uncertified(self) -> dict:
         """Fused positions that the exact solver's fixed (sync-free) schedule left uncertified,

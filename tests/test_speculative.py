@@ -536,3 +536,29 @@ def test_trace_marks_each_token_drafted_or_not_and_matches_plain_traces(tmp_path
     assert all("drafted" not in r for r in plain)
     assert not any(r["drafted"] for r in fast if r["position"] == 0)
     assert 0 < sum(r["drafted"] for r in fast) < len(fast)
+
+
+def test_results_report_what_speculation_did_over_every_generation(tmp_path, monkeypatch):
+    """config.dlf.speculation sums every generate call of the run: its calls and rounds are
+    the large model's reads (a call's prefill reads the whole prompt), its tokens the trace's
+    lines, its accepted drafts at least those the trace marks drafted (a stop may cut kept
+    drafts off); without speculation there is no such entry."""
+    from dlf_plugin import trace
+
+    path = tmp_path / "trace.jsonl"
+    lm = DLFLM(registry="toy", experts="qa", batch_size=4, speculate=3, lookup=4, trace=str(path))
+    widths = []
+    large = lm.engine.models[lm.engine.large]
+    hidden = large.hidden
+    monkeypatch.setattr(large, "hidden", lambda ids, *a, **k: widths.append(ids.shape[1]) or hidden(ids, *a, **k))
+    for _ in range(2):
+        lm.generate_until(shown_requests(2))  # 8 requests: two batches of 4 each time
+    report = lm.get_model_info()["dlf"]["speculation"]
+    lines = [r for r in trace.read(path) if r["kind"] == "generate"]
+    kept = sum(r["drafted"] for r in lines)
+    assert report["calls"] == sum(w > 5 for w in widths) == 4  # rounds read at most lookup + 1 = 5 tokens
+    assert report["calls"] + report["rounds"] == len(widths)
+    assert report["tokens"] == len(lines)
+    assert 0 < kept <= report["accepted"] <= report["drafted"]
+    assert report["copied"] > 0 and report["acceptance"] == report["accepted"] / report["drafted"]
+    assert "speculation" not in DLFLM(registry="toy", experts="qa", batch_size=4).get_model_info()["dlf"]
