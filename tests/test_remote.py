@@ -65,12 +65,11 @@ def test_full_support_equals_the_local_backend(tmp_path, tiny_world, tiny_models
     the weights its own trace records, and the two runs' objective values per position
     against each other (test_dynamic_solver_batched_equals_alone's rule)."""
     traces = {side: tmp_path / f"{side}.jsonl" for side in ("local", "remote")}
-    traced = dict(trace=str(traces["local"])) if solver == "dlf" else {}
-    local = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver=solver, batch_size="3", **traced)
+    tracing = {side: dict(trace=str(path)) if solver == "dlf" else {} for side, path in traces.items()}
+    local = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver=solver, batch_size="3", **tracing["local"])
     rolling = [Instance("loglikelihood_rolling", None, (c + x,), i) for i, (c, x) in enumerate(CONTEXTS)]
     with StandIn(tiny_models_loaded["large"], "tiny-large") as server:
-        traced = dict(trace=str(traces["remote"])) if solver == "dlf" else {}
-        remote = DLFLM(registry=served_registry(tmp_path, tiny_world, server.url), experts="a1+b", solver=solver, batch_size="3", **traced)
+        remote = DLFLM(registry=served_registry(tmp_path, tiny_world, server.url), experts="a1+b", solver=solver, batch_size="3", **tracing["remote"])
         ours, ours_rolling = remote.loglikelihood(ll_requests()), remote.loglikelihood_rolling(rolling)
         generated = remote.generate_until(gen_requests())
     theirs, theirs_rolling = local.loglikelihood(ll_requests()), local.loglikelihood_rolling(rolling)
