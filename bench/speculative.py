@@ -171,17 +171,14 @@ def main() -> None:
             lms.update({(k, n, c): DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device, speculate=k, lookup=n, draft_confidence=c)
                         for k, n, c in configs_here})
             counters = {k: Passes(lm.engine.models[registry.large].model) for k, lm in lms.items()}
-            stats = {k: dict(drafted=0, accepted=0, tokens=0, rounds=0, lookup_rounds=0) for k in configs_here}
-            calls = dict.fromkeys(lms, 0)  # generate calls: one prefill pass of the large model each
+            calls = dict.fromkeys(lms, 0)  # generate calls of the last repeat: one prefill pass of the large model each
             for k, lm in lms.items():
                 name = "generate_speculative" if k else "generate"
                 engine, generate = lm.engine, getattr(lm.engine, name)
 
-                def counted(*a, engine=engine, generate=generate, k=k, **kw):
+                def counted(*a, generate=generate, k=k, **kw):
                     out = generate(*a, **kw)
                     calls[k] += 1
-                    for key in stats.get(k, {}):
-                        stats[k][key] += engine.speculation[key]
                     return out
 
                 setattr(engine, name, counted)
@@ -194,6 +191,8 @@ def main() -> None:
                     times[k].append(seconds)
                 _, seconds = run(large, task, manager, args.limit, gen_kwargs)
                 times["large"].append(seconds)
+            # What speculation did over every repeat (the results' config.dlf.speculation).
+            stats = {k: lms[k].get_model_info()["dlf"]["speculation"] for k in configs_here}
             if not args.temperature:  # greedy: the same texts as plain decoding (reported, not asserted: a run goes on)
                 for k in configs_here:
                     differing[batch] += sum(a != b for a, b in zip(texts[k], texts[0]))

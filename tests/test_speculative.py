@@ -46,20 +46,6 @@ def qa_batch(shown: bool, new_tokens: int):
     return lm, context, mask, lm.engine.generate(context, mask, new_tokens, Sampling(), -1, 0)
 
 
-def speculation_totals(lm: DLFLM) -> dict:
-    """The engine's speculation counts, summed over every generate call of ``lm`` from now."""
-    totals = collections.Counter()
-    generate = lm.engine.generate_speculative
-
-    def counting(*args, **kwargs):
-        out = generate(*args, **kwargs)
-        totals.update(lm.engine.speculation)
-        return out
-
-    lm.engine.generate_speculative = counting
-    return totals
-
-
 def rounds_read(monkeypatch, lm: DLFLM, batch: int) -> list:
     """From now, every large-model read of ``lm``'s engine (the prefill's first) as
     ``(ids as lists, tokens each row had made before it)``: a round's fed x and drafts."""
@@ -103,8 +89,8 @@ def test_same_tokens_as_plain_fused_greedy_with_ragged_batches_and_stop_strings(
     assert len({len(text) for text in expected}) > 2
     for k in (2, 4):
         fast = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8, speculate=k, **options)
-        totals = speculation_totals(fast)
         assert fast.generate_until(toy_requests(4, until=("\n", "e"))) == expected
+        totals = fast.get_model_info()["dlf"]["speculation"]
         # Drafts were accepted, and some rejected: both paths ran.
         assert 0 < totals["accepted"] < totals["drafted"]
 
@@ -152,9 +138,9 @@ def test_lookup_drafts_give_the_tokens_of_plain_fused_greedy(solver, monkeypatch
     assert len({len(text) for text in expected}) > 2
     for k, n, c in ((3, 4, 0.0), (1, 4, 0.0), (5, 4, 0.3)):
         fast = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8, speculate=k, lookup=n, draft_confidence=c)
-        totals = speculation_totals(fast)
         assert fast.generate_until(shown_requests(4)) == expected, (k, n, c)
         recorded = fast.get_model_info()["dlf"]  # what produced the results
+        totals = recorded["speculation"]
         assert (recorded.get("speculate"), recorded.get("lookup"), recorded.get("draft_confidence")) == (k if k > 1 else None, n or None, c or None)
         # Copies were drafted, some kept and some refused (speculate=1: every draft a copy).
         assert totals["copied"] > 0 and 0 < totals["accepted"] < totals["drafted"], (k, n, c, totals)
