@@ -171,14 +171,16 @@ def main() -> None:
             lms.update({(k, n, c): DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device, speculate=k, lookup=n, draft_confidence=c)
                         for k, n, c in configs_here})
             counters = {k: Passes(lm.engine.models[registry.large].model) for k, lm in lms.items()}
-            calls = dict.fromkeys(lms, 0)  # generate calls of the last repeat: one prefill pass of the large model each
+            # The large model's prefill passes of the last repeat: one per plain generate call;
+            # speculating, one per group of batch-size prompts (rows refill: one call per task).
+            calls = dict.fromkeys(lms, 0)
             for k, lm in lms.items():
                 name = "generate_speculative" if k else "generate"
                 engine, generate = lm.engine, getattr(lm.engine, name)
 
-                def counted(*a, generate=generate, k=k, **kw):
+                def counted(*a, generate=generate, k=k, engine=engine, **kw):
                     out = generate(*a, **kw)
-                    calls[k] += 1
+                    calls[k] += engine.speculation["prefills"] if k else 1
                     return out
 
                 setattr(engine, name, counted)

@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable, Sequence
 
 import torch
+import transformers
 
 from dlf_plugin.backends import LocalModel, ModelFault
 from dlf_plugin.fusion import FusionInputs, dlf_loss, never_chosen
@@ -94,6 +95,7 @@ class _Stream:
     def __init__(self, prompt: torch.Tensor, mask: torch.Tensor, room: int) -> None:
         batch, self.length = prompt.shape
         self.prompt = prompt
+        self.room = room
         self.width = self.length + room
         self.mask = torch.zeros(batch, self.width, dtype=mask.dtype, device=prompt.device)
         self.mask[:, : self.length] = mask
@@ -108,6 +110,9 @@ class _Stream:
         """(mask, position ids) for reading ``count`` tokens ``offset`` columns past those
         read; their columns are opened."""
         start = self.length + offset
+        if start + count > self.width:  # a row that took over another's caches needs more room
+            self.mask = torch.cat([self.mask, self.mask.new_zeros(len(self.mask), start + count + self.room - self.width)], dim=1)
+            self.width = start + count + self.room
         self.mask[:, start : start + count] = 1
         return self.mask[:, : start + count], (self.next + offset).unsqueeze(1) + torch.arange(count, device=self.next.device)
 
@@ -120,6 +125,26 @@ class _Stream:
             self.mask[:, self.length : self.length + count] = (torch.arange(count, device=kept.device) < kept.unsqueeze(1)).to(self.mask.dtype)
             self.next = self.next + kept
         self.length += count
+
+    def take_row(self, row: int, other: _Stream, other_row: int) -> None:
+        """Row ``row`` continues ``other``'s row ``other_row`` (its prompt read, nothing
+        more): that row's columns become this row's last ones, its earlier ones are masked
+        out for good. Needs ``other.length <= self.length`` (``grow_left``)."""
+        self.mask[row, : self.length] = 0
+        self.mask[row, self.length - other.length : self.length] = other.mask[other_row, : other.length]
+        self.next[row] = other.next[other_row]
+
+    def grow_left(self, columns: int) -> None:
+        """``columns`` masked columns before the first."""
+        self.mask = torch.cat([self.mask.new_zeros(len(self.mask), columns), self.mask], dim=1)
+        self.length += columns
+        self.width += columns
+
+    def drop_left(self, columns: int) -> None:
+        """The first ``columns`` columns are gone (no row sees them)."""
+        self.mask = self.mask[:, columns:]
+        self.length -= columns
+        self.width -= columns
 
 
 class _Lookup:
@@ -151,6 +176,72 @@ class _Lookup:
             if start is not None:
                 return self.tokens[start : start + length]
         return []
+
+
+def _growing_layers(cache) -> list | None:
+    """The layers of a transformers ``DynamicCache`` whose keys and values are plain
+    ``[B, heads, T, D]`` tensors grown by concatenation, where a row can be replaced in
+    place; None for any other cache."""
+    layer_type = getattr(transformers.cache_utils, "DynamicLayer", None)
+    layers = getattr(cache, "layers", None)
+    if type(cache) is not transformers.DynamicCache or layer_type is None or not layers:
+        return None
+    if any(type(layer) is not layer_type or not layer.is_initialized for layer in layers):
+        return None
+    return layers
+
+
+class _Rows:
+    """The rows decoding together in ``generate_speculative``: per view its stream, per
+    model its KV cache, per row the prompt it generates for (None once it stopped: the row
+    is free), per view each row's first open column, and each row's last kept token
+    (``[B, 1]``, on the device: the next round's x)."""
+
+    def __init__(self, streams: list[_Stream], caches: dict, owner: list[int | None], start: list[list[int]], last: torch.Tensor) -> None:
+        self.streams, self.caches, self.owner, self.start, self.last = streams, caches, owner, start, last
+
+    def running(self) -> list[int]:
+        return [s for s, r in enumerate(self.owner) if r is not None]
+
+    def refillable(self) -> bool:
+        """Whether a free row can take another group's row: every cache's rows are plain tensors."""
+        return all(_growing_layers(cache) is not None for cache in self.caches.values())
+
+    def take_over(self, slot: int, other: _Rows, row: int, view_of: dict[str, int]) -> None:
+        """The free row ``slot`` continues ``other``'s row ``row`` (prefilled, not yet
+        decoding): that row's cache columns are written at the end of this row's in every
+        model's cache (all rows gaining masked columns on the left where it has more), its
+        mask and positions go with them, and ``other`` gives the row up."""
+        for view, (stream, theirs) in enumerate(zip(self.streams, other.streams)):
+            grow = theirs.length - stream.length
+            if grow > 0:
+                stream.grow_left(grow)
+                self.start[view] = [column + grow for column in self.start[view]]
+            for name in (name for name, v in view_of.items() if v == view):
+                for mine, src in zip(_growing_layers(self.caches[name]), _growing_layers(other.caches[name])):
+                    for attr in ("keys", "values"):
+                        tensor = getattr(mine, attr)
+                        if grow > 0:
+                            tensor = torch.cat([tensor.new_zeros(*tensor.shape[:2], grow, tensor.shape[3]), tensor], dim=2)
+                            setattr(mine, attr, tensor)
+                        tensor[slot, :, stream.length - theirs.length :] = getattr(src, attr)[row]
+            stream.take_row(slot, theirs, row)
+            self.start[view][slot] = stream.length - theirs.length + other.start[view][row]
+        self.owner[slot], other.owner[row] = other.owner[row], None
+        self.last[slot] = other.last[row]
+
+    def drop_dead_columns(self, view_of: dict[str, int]) -> None:
+        """Cut the columns left of every running row's first from the streams and caches."""
+        live = self.running()
+        for view, stream in enumerate(self.streams):
+            dead = min((self.start[view][s] for s in live), default=0)
+            if dead <= 0:
+                continue
+            stream.drop_left(dead)
+            self.start[view] = [column - dead for column in self.start[view]]
+            for name in (name for name, v in view_of.items() if v == view):
+                for layer in _growing_layers(self.caches[name]):
+                    layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
 
 
 class FusionEngine:
@@ -501,6 +592,7 @@ class FusionEngine:
         sampling: Sampling = Sampling(),
         lookup: int = 0,
         confidence: float = 0.0,
+        slots: int | None = None,
     ) -> torch.Tensor:
         """Fused decoding of up to ``draft`` tokens a round, the first pair's expert drafting
         (DESIGN.md section 8); greedy, the same tokens as ``generate`` (in float32: a k-token
@@ -523,6 +615,17 @@ class FusionEngine:
         With ``draft=1`` a round is a plain fused step. One device-to-host transfer a round:
         the kept tokens, the accepted counts and the fault flags.
 
+        ``slots`` = b < the number of prompts N decodes b rows at a time and refills: the
+        prompts are prefilled b at a time, in order (one pass of every model for each group
+        of b, as b-row batches would be), and a row whose generation stops takes the next
+        prefilled prompt's caches in its place before the next round, so that a round's
+        pass serves b rows while prompts remain, not the slowest row of a finished batch.
+        The newcomer's cache columns are written at the end of the row's (the row's older
+        ones are masked out for good); columns no running row sees any more are dropped
+        from the left. Caches whose layers are not transformers' plain growing ones take no
+        newcomer: the next group then starts once every row has stopped (b-row batches).
+        Without ``slots`` (or with b >= N) every prompt runs at once.
+
         ``lookup`` = n > 0 drafts from the context too (prompt lookup): a row whose prompt
         (view 0's) and generation hold an earlier occurrence of its last tokens has the up to
         n tokens that followed it as drafts (``_Lookup``, on the host: no sync). When every
@@ -533,7 +636,8 @@ class FusionEngine:
         with a copy feeding its copied tokens (up to k - 1) and the drafter's choices past
         them. A copied draft's proposal q is the token itself (probability 1): the rule
         keeps it with probability p(d) and is exact with it as with any proposal. The
-        prompts are read to the host once, before the prefill.
+        prompts (and their lengths, for the groups) are read to the host once, before the
+        first prefill.
 
         ``confidence`` = c > 0 ends a round's drafting early: where the drafter's most likely
         token at draft i has less than probability c (its softmax, greedy; q, sampled) for
@@ -545,81 +649,122 @@ class FusionEngine:
         reads the probabilities to the host: one more transfer per drafted token.
 
         Returns:
-            ``[B, L + n]`` as ``generate``.
+            ``[N, L + n]`` as ``generate``.
         """
         if draft > 1 and not self.pairs:
             raise ValueError("speculative decoding needs an expert pair to draft with")
         drafter = self.pairs[0].expert if draft > 1 else None
-        streams = self._streams(input_ids, attention_mask, max_new_tokens * max(draft, lookup + 1))
-        batch, prompt_len = streams[0].prompt.shape
         device = self.device
-        caches = {name: self.models[name].new_cache(batch, streams[self.view_of[name]].width, preallocated=False) for name in self.forward_order}
-        generated: list[list[int]] = [[] for _ in range(batch)]
-        finished = [False] * batch
-        lookups = None
+        ids, masks = self._by_view(input_ids), self._by_view(attention_mask)
+        if len({len(t) for t in ids}) > 1:
+            raise ValueError(f"every view needs the same batch rows; got {[len(t) for t in ids]}")
+        ids, masks = [t.to(device) for t in ids], [m.to(device) for m in masks]
+        total = len(ids[0])
+        slots = total if not slots else min(slots, total)
+        room = max_new_tokens * max(draft, lookup + 1)
+        # Read once: with lookup, view 0's prompts; with groups, each view's leading padding
+        # per prompt (a group is cut to its own widest).
+        host = []
         if lookup:
-            shown = torch.where(streams[0].mask[:, :prompt_len].bool(), streams[0].prompt, -1).tolist()
-            lookups = [_Lookup([t for t in row if t >= 0]) for row in shown]
-        # After the call: rounds (large-model passes after the prefill), rounds drafted by
-        # lookup alone, drafts made (copied ones among them) and accepted over the running
-        # rows, tokens generated.
-        self.speculation = dict(rounds=0, lookup_rounds=0, drafted=0, copied=0, accepted=0, tokens=0)
-        try:
-            # Prefill: every model reads its view's prompt; the fused first token is x.
+            host.append(torch.where(masks[0].bool(), ids[0], -1))
+        if slots < total:
+            host.append(torch.stack([(m.cumsum(1) == 0).sum(1) for m in masks]).T)  # [N, views]
+        host = torch.cat(host, dim=1).tolist() if host else [[] for _ in range(total)]
+        shown = [row[: ids[0].shape[1]] for row in host] if lookup else None
+        leading = [[row[-len(ids) + view] for row in host] for view in range(len(ids))] if slots < total else [[0] * total for _ in ids]
+        generated: list[list[int]] = [[] for _ in range(total)]
+        lookups: list[_Lookup | None] = [None] * total
+        waiting = list(range(total))  # prompts not prefilled yet, in order
+        # After the call: prefills (one large pass each: a group of ``slots`` prompts),
+        # rounds (large-model passes after them), rounds drafted by lookup alone, drafts made
+        # (copied ones among them) and accepted over the running rows, tokens generated.
+        self.speculation = dict(prefills=0, rounds=0, lookup_rounds=0, drafted=0, copied=0, accepted=0, tokens=0)
+
+        def emit(fused: Fused, rows: _Rows, step: int, kept: list[int], counts: list[int]) -> None:
+            """Append each running row's kept tokens to its prompt's generation, token by
+            token as plain decoding stops, and mark the rows that stop."""
+            emitted = []  # (prompt, fused row, token, position, drafted) for the observer
+            for i in range(step):
+                here = [s for s in rows.running() if i <= min(counts[s], step - 1)]
+                for s in here:
+                    r, token = rows.owner[s], kept[s * step + i]
+                    generated[r].append(token)
+                    if lookups[r] is not None:
+                        lookups[r].append(token)
+                    emitted.append((r, s * step + i, token, len(generated[r]) - 1, i < counts[s]))
+                stopped = _stopping([rows.owner[s] for s in here], generated, eos_token_id, max_new_tokens, stop_check)
+                for s in here:
+                    if rows.owner[s] in stopped:
+                        rows.owner[s] = None
+            if self.observer is not None and emitted:
+                self.observer(fused, *map(list, zip(*sorted(emitted))))
+
+        def prefill() -> _Rows:
+            """The next ``slots`` waiting prompts after one pass of every model, their first
+            fused tokens emitted (``last``: each row's, on the device)."""
+            group = waiting[:slots]
+            del waiting[:slots]
+            picked = torch.tensor(group, device=device)
+            streams, start = [], []
+            for view, (i, m) in enumerate(zip(ids, masks)):
+                cut = min(leading[view][r] for r in group)
+                streams.append(_Stream(i.index_select(0, picked)[:, cut:], m.index_select(0, picked)[:, cut:], room))
+                start.append([leading[view][r] - cut for r in group])
+            caches = {name: self.models[name].new_cache(len(group), streams[self.view_of[name]].width, preallocated=False) for name in self.forward_order}
             hidden = {name: self.models[name].hidden(*streams[self.view_of[name]].prefill(), caches[name], last=1) for name in self.forward_order}
-            fused, flags = self._fuse_round(hidden, torch.ones(batch, dtype=torch.bool, device=device))
-            tokens = choose_tokens(fused.logits, sampling).unsqueeze(1)  # [B, 1]
-            accepted = torch.zeros(batch, dtype=torch.long, device=device)
+            fused, flags = self._fuse_round(hidden, torch.ones(len(group), dtype=torch.bool, device=device))
+            first = choose_tokens(fused.logits, sampling)
+            report = torch.cat([first, flags]).tolist()
+            if any(report[len(group) :]):
+                self.raise_faults(report[len(group) : -1], report[-1], fused)
+            self.speculation["prefills"] += 1
+            if lookup:
+                for r in group:
+                    lookups[r] = _Lookup([t for t in shown[r] if t >= 0])
+            rows = _Rows(streams, caches, list(group), start, first.unsqueeze(1))
+            emit(fused, rows, 1, report[: len(group)], [0] * len(group))
+            return rows
+
+        batch = pool = None
+        try:
             while True:
-                report = torch.cat([tokens.flatten(), accepted, flags]).tolist()
-                n = tokens.numel()
-                kept, counts, faults = report[:n], report[n : n + batch], report[n + batch :]
-                self.speculation["accepted"] += sum(counts[r] for r in range(batch) if not finished[r])
-                if any(faults):
-                    self.raise_faults(faults[:-1], faults[-1], fused)
-                step = tokens.shape[1]
-                if self.speculation["rounds"]:  # tokens of a round, not the prefill's
-                    # The round's columns past the most any running row kept are cut from
-                    # every cache (at batch 1, every refused draft); each row's others are
-                    # masked for good. (A stopped row's count means nothing.)
-                    width = min(max(counts[r] for r in range(batch) if not finished[r]) + 1, step)
-                    for stream in streams:
-                        stream.commit(width, kept=(accepted + 1).clamp_max(step))
-                    if width < step:  # a negative count: tokens to remove, in every transformers release
-                        for cache in caches.values():
-                            cache.crop(width - step)
-                emitted = []  # (row, fused row, token, position, drafted) for the observer
-                for i in range(step):  # token by token, as plain decoding stops
-                    rows = [r for r in range(batch) if not finished[r] and i <= min(counts[r], step - 1)]
-                    for r in rows:
-                        generated[r].append(kept[r * step + i])
-                        if lookups:
-                            lookups[r].append(kept[r * step + i])
-                        emitted.append((r, r * step + i, kept[r * step + i], len(generated[r]) - 1, i < counts[r]))
-                    for r in _stopping(rows, generated, eos_token_id, max_new_tokens, stop_check):
-                        finished[r] = True
-                if self.observer is not None and emitted:
-                    self.observer(fused, *map(list, zip(*sorted(emitted))))
-                fused = None  # this round's logits go before the next round's are made
-                if all(finished):
-                    break
-                # x: each row's last kept token (on the device, no sync).
-                x = tokens.gather(1, accepted.clamp_max(step - 1).unsqueeze(1))  # [B, 1]
+                # Rows whose generation stopped take the next prefilled prompts: all at once
+                # where every row stopped (the next group runs as a batch of its own), else
+                # one by one into the caches, where they allow it.
+                if batch is None or not batch.running():
+                    if (pool is None or not pool.running()) and waiting:
+                        pool = prefill()
+                    if pool is None or not pool.running():
+                        break
+                    batch, pool = pool, None
+                    continue  # a row of the group may have stopped at its first token
+                took = False
+                while (waiting or (pool is not None and pool.running())) and None in batch.owner and batch.refillable():
+                    if pool is None or not pool.running():
+                        pool = prefill()
+                        continue
+                    batch.take_over(batch.owner.index(None), pool, pool.running()[0], self.view_of)
+                    took = True
+                if took:
+                    batch.drop_dead_columns(self.view_of)
+                streams, caches = batch.streams, batch.caches
+                rows = len(batch.owner)
+                live = batch.running()
+                x = batch.last  # [rows, 1]: each row's last kept token, which no model has read
                 # Each running row's copied drafts. Copies alone draft the round where every
                 # running row has one, or where nobody else drafts (speculate 0 or 1: a row
                 # without a copy feeds placeholders then, drafts the rule keeps or refuses as
                 # any other); the round is as wide as the shortest copy allows.
-                live = [r for r in range(batch) if not finished[r]]
-                chains = [lookups[r].chain(lookup) if lookups and not finished[r] else [] for r in range(batch)]
-                lengths = [len(chains[r]) for r in live if chains[r]]
-                left = max(max_new_tokens - len(generated[r]) for r in live)  # no round wider: no row keeps more
+                chains = [lookups[batch.owner[s]].chain(lookup) if lookup and s in live else [] for s in range(rows)]
+                lengths = [len(chains[s]) for s in live if chains[s]]
+                left = max(max_new_tokens - len(generated[batch.owner[s]]) for s in live)  # no round wider: no row keeps more
                 by_lookup = bool(lengths) and (len(lengths) == len(live) or drafter is None) and left > 1
                 width = min(1 + min(lengths) if by_lookup else draft, left)
-                plan = torch.tensor([[int(not finished[r]), *(chains[r] + [-1] * width)[: width - 1]] for r in range(batch)], device=device)
-                running, copies = plan[:, 0].bool(), plan[:, 1:]  # [B], [B, width - 1] (-1: no copy)
+                plan = torch.tensor([[int(s in live), *(chains[s] + [-1] * width)[: width - 1]] for s in range(rows)], device=device)
+                running, copies = plan[:, 0].bool(), plan[:, 1:]  # [rows], [rows, width - 1] (-1: no copy)
                 hidden, proposals = {}, []
                 if by_lookup:
-                    fed = torch.cat([x, copies.clamp_min(0)], dim=1)  # placeholders (and finished rows): token 0
+                    fed = torch.cat([x, copies.clamp_min(0)], dim=1)  # placeholders (and stopped rows): token 0
                     if sampling.do_sample:
                         proposals = [_one_hot(fed[:, i : i + 1], self.vocab_size) for i in range(1, width)]
                 elif drafter is None:
@@ -640,14 +785,14 @@ class FusionEngine:
                                 feed = torch.multinomial(q, 1)
                             else:
                                 feed = logits.argmax(-1, keepdim=True)
-                            if lookups:  # a row's copied tokens, as far as they go
+                            if lookup:  # a row's copied tokens, as far as they go
                                 copy = copies[:, i : i + 1]
                                 feed = torch.where(copy >= 0, copy, feed)
                                 if sampling.do_sample:
                                     q = torch.where(copy >= 0, _one_hot(copy.clamp_min(0), self.vocab_size), q)
                             if confidence:  # the drafter's top probability (not its draw's: see above); a copy's is 1
                                 sure = (q if sampling.do_sample else logits.float().softmax(-1)).amax(-1)
-                                if lookups:
+                                if lookup:
                                     sure = torch.where(copies[:, i] >= 0, 1.0, sure)
                                 if not bool(torch.where(running, sure, -1.0).max() >= confidence):
                                     width = i + 1  # d(i+1) dropped: the round fuses x, d1..di
@@ -655,7 +800,7 @@ class FusionEngine:
                             if sampling.do_sample:
                                 proposals.append(q)
                             drafted.append(feed)
-                    fed = torch.cat(drafted, dim=1)  # [B, k]: x, d1..d(k-1)
+                    fed = torch.cat(drafted, dim=1)  # [rows, k]: x, d1..d(k-1)
                     hidden[drafter] = torch.cat(drafter_hidden, dim=1)
                 reads = [stream.take(width) for stream in streams]
                 for name in self.forward_order:
@@ -666,14 +811,32 @@ class FusionEngine:
                 self.speculation["lookup_rounds"] += by_lookup
                 self.speculation["drafted"] += (width - 1) * len(live)
                 self.speculation["copied"] += sum(min(len(chain), width - 1) for chain in chains)
-                tokens, accepted = _kept(fused.logits.view(batch, width, -1), fed[:, 1:], proposals, sampling)
+                tokens, accepted = _kept(fused.logits.view(rows, width, -1), fed[:, 1:], proposals, sampling)
+                report = torch.cat([tokens.flatten(), accepted, flags]).tolist()
+                n = tokens.numel()
+                kept, counts, faults = report[:n], report[n : n + rows], report[n + rows :]
+                self.speculation["accepted"] += sum(counts[s] for s in live)
+                if any(faults):
+                    self.raise_faults(faults[:-1], faults[-1], fused)
+                # The round's columns past the most any running row kept are cut from every
+                # cache (at batch 1, every refused draft); each row's others are masked for
+                # good. (A stopped row's count means nothing.)
+                keep = min(max(counts[s] for s in live) + 1, width)
+                for stream in streams:
+                    stream.commit(keep, kept=(accepted + 1).clamp_max(width))
+                if keep < width:  # a negative count: tokens to remove, in every transformers release
+                    for cache in caches.values():
+                        cache.crop(keep - width)
+                emit(fused, batch, width, kept, counts)
+                fused = None  # this round's logits go before the next round's are made
+                batch.last = tokens.gather(1, accepted.clamp_max(width - 1).unsqueeze(1))
         finally:
             self.release()
         self.speculation["tokens"] = sum(map(len, generated))
-        out = torch.full((batch, prompt_len + max(map(len, generated))), pad_token_id, dtype=torch.long)
-        out[:, :prompt_len] = streams[0].prompt.cpu()
+        out = torch.full((total, ids[0].shape[1] + max(map(len, generated))), pad_token_id, dtype=torch.long)
+        out[:, : ids[0].shape[1]] = ids[0].cpu()
         for r, row in enumerate(generated):
-            out[r, prompt_len : prompt_len + len(row)] = torch.tensor(row, dtype=torch.long)
+            out[r, ids[0].shape[1] : ids[0].shape[1] + len(row)] = torch.tensor(row, dtype=torch.long)
         return out.to(device)
 
     def _fuse_round(self, hidden: dict[str, torch.Tensor], running: torch.Tensor, drafts: torch.Tensor | None = None) -> tuple[Fused, torch.Tensor]:

@@ -248,6 +248,7 @@ class DLFLM(HFLM):
         self._ignored_gen_kwargs: set[str] = set()  # warned about once
         self._widest_generation: tuple[int, int, Sampling] | None = None  # batch_size auto's generation trial
         self._speculation = collections.Counter()  # the engines' speculation counts, summed over generate calls
+        self._slots: int | None = None  # speculating at batch_size b > 1: b rows that refill
 
     # -- construction from lm-eval's model_args ---------------------------------------------
 
@@ -373,7 +374,16 @@ class DLFLM(HFLM):
         def run(group):
             if self.batch_size == "auto":
                 self._widest_generation = self._widest(group)  # what the trial must fit
-            return super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm)
+            if not (self.round_width > 1 and isinstance(self.batch_size, int) and 1 < self.batch_size < len(group)):
+                return super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm)
+            # Speculative rows finish at different rounds: lm-eval hands all the requests
+            # of a set of gen_kwargs to one generate call, whose batch_size rows refill
+            # (FusionEngine.generate_speculative's slots).
+            self._slots, self.batch_size_per_gpu = self.batch_size, len(group)
+            try:
+                return super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm)
+            finally:
+                self.batch_size_per_gpu, self._slots = self._slots, None
 
         return self._routed(requests, run)
 
@@ -709,7 +719,7 @@ class DLFLM(HFLM):
         try:
             if self.round_width == 1:
                 return self.engine.generate(context, attention_mask, sampling=sampling, **common)
-            out = self.engine.generate_speculative(context, attention_mask, draft=max(self.speculate, 1), lookup=self.lookup, confidence=self.draft_confidence, sampling=sampling, **common)
+            out = self.engine.generate_speculative(context, attention_mask, draft=max(self.speculate, 1), lookup=self.lookup, confidence=self.draft_confidence, sampling=sampling, slots=self._slots, **common)
             self._speculation.update(self.engine.speculation, calls=1)
             return out
         finally:
@@ -768,13 +778,14 @@ class DLFLM(HFLM):
         return described
 
     def _speculation_report(self) -> dict:
-        """What speculative decoding did over the run's generations: ``calls`` (generate calls,
-        one prefill pass of the large model each), ``rounds`` (its passes after them),
+        """What speculative decoding did over the run's generations: ``calls`` (generate calls),
+        ``prefills`` (the large model's passes over prompts: one per call, or per group of
+        batch_size prompts where rows refill), ``rounds`` (its passes after them),
         ``lookup_rounds`` (rounds drafted by copies alone), ``drafted`` (drafts made for running
         rows, ``copied`` of them from the context), ``accepted`` (those the fusion kept, up to
         each row's first refusal; a row's stop may then cut some off), ``tokens`` generated, and
         ``acceptance`` = accepted / drafted."""
-        counts = {key: self._speculation[key] for key in ("calls", "rounds", "lookup_rounds", "drafted", "copied", "accepted", "tokens")}
+        counts = {key: self._speculation[key] for key in ("calls", "prefills", "rounds", "lookup_rounds", "drafted", "copied", "accepted", "tokens")}
         return {**counts, "acceptance": counts["accepted"] / counts["drafted"] if counts["drafted"] else None}
 
     def _uncertified(self) -> dict:

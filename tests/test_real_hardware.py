@@ -239,8 +239,9 @@ def test_auto_batch_size_for_generation_fits_the_generation(tiny_world, speculat
 
     peaks = {}
     for batch in (1, 4, 8):
+        # A batch's own requests: speculating, more would refill its rows, which auto's batches do not.
         with measure_allocations() as meter:
-            texts = lm(str(batch)).generate_until(requests)
+            texts = lm(str(batch)).generate_until(requests if batch == 1 else requests[:batch])
         peaks[batch] = meter.peak
         if batch == 1:
             alone = texts
@@ -479,22 +480,25 @@ def test_a_decoding_step_makes_one_device_transfer(tiny_world, solver, options):
 
 @pytest.mark.parametrize("solver,options", [("static", {}), ("dlf", {"schedule": "fixed"})])
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(do_sample=True, temperature=0.8, top_k=5)])
-@pytest.mark.parametrize("lookup", [0, 4])
-def test_a_speculative_round_makes_one_device_transfer(tiny_world, solver, options, sampling, lookup):
+@pytest.mark.parametrize("lookup, slots", [(0, None), (4, None), (4, 2)])
+def test_a_speculative_round_makes_one_device_transfer(tiny_world, solver, options, sampling, lookup, slots):
     """Drafting, the k-position pass, the fusion and the acceptance rule (greedy or sampled)
     stay on the device: one transfer a round, plus the prefill's. With ``lookup``, the
     prompts are read once more, before the prefill; copies are found on the host. Each
     prompt ends in a token t that it has shown followed by every token: whatever a row's
-    first token x, it has a copy, and the first round is drafted by lookup alone."""
+    first token x, it has a copy, and the first round is drafted by lookup alone. With 2
+    slots for the 3 prompts, a transfer per group's prefill (the prompts' lengths are read
+    with the prompts), and a row's taking over the third prompt's caches costs none."""
     lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver=solver, batch_size="4", **options)
     vocab = lm.engine.vocab_size
     context = torch.tensor([[i for v in torch.randperm(vocab, generator=torch.Generator().manual_seed(t)).tolist() for i in (t, v)] + [t] for t in (5, 6, 7)])
     with count_syncs() as syncs:
-        out = lm.engine.generate_speculative(context, torch.ones_like(context), 9, eos_token_id=-1, pad_token_id=0, draft=3, sampling=sampling, lookup=lookup)
+        out = lm.engine.generate_speculative(context, torch.ones_like(context), 9, eos_token_id=-1, pad_token_id=0, draft=3, sampling=sampling, lookup=lookup, slots=slots)
     assert out.shape[1] == context.shape[1] + 9
     stats = lm.engine.speculation
     assert stats["rounds"] >= 3 and (stats["lookup_rounds"] > 0) == bool(lookup)
-    assert dict(syncs.calls) == {"tolist": stats["rounds"] + 1 + bool(lookup)}
+    assert stats["prefills"] == (2 if slots else 1)
+    assert dict(syncs.calls) == {"tolist": stats["rounds"] + stats["prefills"] + bool(lookup)}
 
 
 def test_half_precision_heads_give_float32_logits_not_rounded_ones(tiny_world):

@@ -16,6 +16,7 @@ from lm_eval.api.instance import Instance
 
 import reference
 from toy_prompts import PROMPTS, dev_prompts
+from dlf_plugin import engine
 from dlf_plugin.engine import Sampling, _Lookup, speculative_choice
 from dlf_plugin.lm import DLFLM
 from dlf_plugin.registry import RegistryError
@@ -62,6 +63,13 @@ def rounds_read(monkeypatch, lm: DLFLM, batch: int) -> list:
     return reads
 
 
+def taken_over(monkeypatch) -> list:
+    """From now, each time a free row takes over a prefilled prompt's caches, the row."""
+    takes, take_over = [], engine._Rows.take_over
+    monkeypatch.setattr(engine._Rows, "take_over", lambda self, slot, *a: takes.append(slot) or take_over(self, slot, *a))
+    return takes
+
+
 def example_solver():
     sys.path.insert(0, str(REPO / "tests" / "example_solver_plugin"))
     from dlf_example_solver import AgreementSolver
@@ -87,12 +95,16 @@ def test_same_tokens_as_plain_fused_greedy_with_ragged_batches_and_stop_strings(
     requests = toy_requests(4, until=("\n", "e"))
     expected = plain.generate_until(requests)
     assert len({len(text) for text in expected}) > 2
+    takes = taken_over(monkeypatch)
     for k in (2, 4):
+        takes.clear()
         fast = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8, speculate=k, **options)
         assert fast.generate_until(toy_requests(4, until=("\n", "e"))) == expected
         totals = fast.get_model_info()["dlf"]["speculation"]
-        # Drafts were accepted, and some rejected: both paths ran.
+        # Drafts were accepted, and some rejected: both paths ran; rows that stopped took
+        # the second group's prompts (16 requests, 8 rows).
         assert 0 < totals["accepted"] < totals["drafted"]
+        assert takes and (totals["calls"], totals["prefills"]) == (1, 2)
 
 
 def _earliest_copy(tokens: list[int], length: int) -> list[int]:
@@ -326,19 +338,57 @@ def test_k_one_is_plain_decoding_one_large_pass_per_token(tiny_world):
     assert plain.engine.speculation["rounds"] == out.shape[1] - context.shape[1] - 1
 
 
+def test_rows_that_stop_take_over_the_next_prompts_in_fewer_large_passes(monkeypatch):
+    """Toy world, qa + fill (qa's expert drafting), speculate=3 and lookup=4, 48 dev prompts
+    after solved examples, each stopping at its second line's end or after 24 tokens: 3 rows that
+    refill give every prompt the tokens that batches of 3 give it, after 16 prefills, in
+    fewer large-model passes (a batch waits for its slowest row; a free row takes the next
+    prompt); and no pass reads more columns than the widest prompt and one request's most
+    (columns no running row sees any more are dropped: without that, 269 here)."""
+    lm = DLFLM(registry="toy", experts="qa+fill", batch_size=3)
+    context, mask = lm.tok_batch_encode([request.args[0] for request in shown_requests(12)])
+    widths = []
+    large = lm.engine.models[lm.engine.large]
+    hidden = large.hidden
+    monkeypatch.setattr(large, "hidden", lambda ids, mask, *a, **k: widths.append(mask.shape[1]) or hidden(ids, mask, *a, **k))
+    two_lines = lambda rows, made: {r for r, tokens in zip(rows, made) if lm.tok_decode(tokens).count("\n") > 1}  # noqa: E731
+
+    def generate(ids, masks, slots=None):
+        out = lm.engine.generate_speculative(ids, masks, 24, lm.eot_token_id, -1, draft=3, lookup=4, stop_check=two_lines, slots=slots)
+        return [[t for t in row[context.shape[1] :] if t >= 0] for row in out.tolist()]  # -1: padding
+
+    takes = taken_over(monkeypatch)
+    refilled = generate(context, mask, slots=3)
+    passes, widest = len(widths), max(widths)
+    assert lm.engine.speculation["prefills"] == 16 and takes
+    widths.clear()
+    batched = [row for i in range(0, len(context), 3) for row in generate(context[i : i + 3], mask[i : i + 3])]
+    assert len({len(row) for row in batched}) > 3  # rows stop at different places
+    assert refilled == batched
+    assert passes < len(widths)
+    assert widest <= context.shape[1] + 24 * 5  # a request's most: 24 rounds of lookup + 1 = 5 columns
+
+
 REPEATING = "the quick brown fox jumps. the quick brown"  # copies to draft from
 
 
-@pytest.mark.parametrize("lookup", [0, 3])
-def test_masked_drafts_equal_recomputing_every_prefix(tiny_world, tiny_models_loaded, lookup):
+@pytest.mark.parametrize("lookup, slots", [(0, None), (3, None), (0, 2), (3, 2)])
+def test_masked_drafts_equal_recomputing_every_prefix(tiny_world, tiny_models_loaded, monkeypatch, lookup, slots):
     """Rejected drafts stay in the caches, masked: the tokens equal a brute force that
     recomputes every prefix from scratch in float64 (static weights, two pairs, k = 3; with
-    ``lookup=3`` rounds of other widths, drafted by lookup alone or in part)."""
+    ``lookup=3`` rounds of other widths, drafted by lookup alone or in part). With 2 slots
+    the 4 prompts run 2 at a time, the second two each taking over the caches of a row
+    that stopped, one of them longer than the columns the row had (the rows gain columns
+    on the left)."""
     lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="static", batch_size=4)
-    prompts = ["The river Tesh flows", "Question: What is the capital of Varn?\nAnswer:", "Lorem", REPEATING]
+    prompts = ["Lorem", "The river Tesh flows", "Question: What is the capital of Varn?\nAnswer:", REPEATING]
     context, mask = lm.tok_batch_encode(prompts)
-    out = lm.engine.generate_speculative(context, mask, 12, lm.eot_token_id, 0, draft=3, lookup=lookup)
+    takes, grown = taken_over(monkeypatch), []
+    grow_left = engine._Stream.grow_left
+    monkeypatch.setattr(engine._Stream, "grow_left", lambda self, columns: grown.append(columns) or grow_left(self, columns))
+    out = lm.engine.generate_speculative(context, mask, 12, lm.eot_token_id, 0, draft=3, lookup=lookup, slots=slots)
     assert (lm.engine.speculation["copied"] > 0) == bool(lookup)
+    assert len(takes) == (2 if slots else 0) and bool(grown) == bool(slots)
     pairs = [("expert-a1", "small-a", 1.0), ("expert-b", "small-b", 1.0)]
     for row, prompt in enumerate(prompts):
         expected = reference.greedy_tokens(tiny_models_loaded, "large", pairs, lm.tok_encode(prompt), lm.engine.vocab_size, 12, lm.eot_token_id)
@@ -422,8 +472,8 @@ def test_speculative_choice_draws_from_the_target_whatever_the_proposal():
 SHOWN = "Question: What is the capital of Voustunia?\nAnswer: Driszaim\n"  # the same question solved: drafts to copy
 
 
-@pytest.mark.parametrize("draft, lookup, confidence", [(3, 0, 0.0), (3, 2, 0.0), (1, 2, 0.0), (3, 0, 0.5)])
-def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confidence):
+@pytest.mark.parametrize("draft, lookup, confidence, slots", [(3, 0, 0.0, None), (3, 2, 0.0, None), (1, 2, 0.0, None), (3, 0, 0.5, None), (3, 2, 0.0, 500)])
+def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confidence, slots, monkeypatch):
     """Toy world (pair qa, static weights), one prompt 4,000 times, temperature 1 and top-k 3,
     k = 3: the first three tokens' joint frequencies match the exact fused distribution
     computed in float64 from scratch for each prefix (27 sequences). Keeping every draft
@@ -433,7 +483,9 @@ def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confide
     copied draft's proposal: the token itself): with k = 3 in rounds the expert drafts for
     the other rows; with k = 1 in rounds of copies alone, the other rows drafting
     placeholders. With ``confidence=0.5`` the draws come 8 at a time (a batch of 4,000 rows
-    would always hold a row sure enough to draft on), and some rounds stop drafting early."""
+    would always hold a row sure enough to draft on), and some rounds stop drafting early.
+    With 500 slots the 4,000 rows run 500 at a time, rows that stop taking over the caches
+    of the next prompts."""
     torch.manual_seed(0)
     lm = DLFLM(registry="toy", experts="qa", solver="static", batch_size=1)
     names = ("large-base", "small-base", "expert-qa")
@@ -444,8 +496,9 @@ def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confide
     ids = torch.tensor([prompt] * rows)
     sampling = Sampling(do_sample=True, temperature=1.0, top_k=3)
     counts, stats, drafted = collections.Counter(), collections.Counter(), set()
+    takes = taken_over(monkeypatch)
     for _ in range(draws // rows):
-        out = lm.engine.generate_speculative(ids, torch.ones_like(ids), 3, -1, 0, draft=draft, sampling=sampling, lookup=lookup, confidence=confidence)
+        out = lm.engine.generate_speculative(ids, torch.ones_like(ids), 3, -1, 0, draft=draft, sampling=sampling, lookup=lookup, confidence=confidence, slots=slots)
         counts.update(tuple(row) for row in out[:, len(prompt) :].tolist())
         stats.update(lm.engine.speculation)
         drafted.add(lm.engine.speculation["drafted"] > 0)
@@ -453,6 +506,7 @@ def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confide
     assert (stats["copied"] > 0) == bool(lookup) and (stats["lookup_rounds"] > 0) == (draft == 1), stats
     if confidence:  # some calls stopped drafting at their one round's first draft, some drafted
         assert drafted == {False, True}
+    assert bool(takes) == bool(slots)
 
     def top3(tokens):
         z = reference.fused_logits(models, "large-base", [("expert-qa", "small-base", 1.0)], tokens, lm.engine.vocab_size)
@@ -525,8 +579,9 @@ def test_trace_marks_each_token_drafted_or_not_and_matches_plain_traces(tmp_path
 
 
 def test_results_report_what_speculation_did_over_every_generation(tmp_path, monkeypatch):
-    """config.dlf.speculation sums every generate call of the run: its calls and rounds are
-    the large model's reads (a call's prefill reads the whole prompt), its tokens the trace's
+    """config.dlf.speculation sums every generate call of the run: its prefills and rounds
+    are the large model's reads (a prefill reads whole prompts; 4 rows that refill take one
+    generate call for 8 requests, prefilled 4 at a time), its tokens the trace's
     lines, its accepted drafts at least those the trace marks drafted (a stop may cut kept
     drafts off); without speculation there is no such entry."""
     from dlf_plugin import trace
@@ -538,12 +593,13 @@ def test_results_report_what_speculation_did_over_every_generation(tmp_path, mon
     hidden = large.hidden
     monkeypatch.setattr(large, "hidden", lambda ids, *a, **k: widths.append(ids.shape[1]) or hidden(ids, *a, **k))
     for _ in range(2):
-        lm.generate_until(shown_requests(2))  # 8 requests: two batches of 4 each time
+        lm.generate_until(shown_requests(2))  # 8 requests, 4 rows
     report = lm.get_model_info()["dlf"]["speculation"]
     lines = [r for r in trace.read(path) if r["kind"] == "generate"]
     kept = sum(r["drafted"] for r in lines)
-    assert report["calls"] == sum(w > 5 for w in widths) == 4  # rounds read at most lookup + 1 = 5 tokens
-    assert report["calls"] + report["rounds"] == len(widths)
+    assert report["prefills"] == sum(w > 5 for w in widths) == 4  # rounds read at most lookup + 1 = 5 tokens
+    assert report["calls"] == 2
+    assert report["prefills"] + report["rounds"] == len(widths)
     assert report["tokens"] == len(lines)
     assert 0 < kept <= report["accepted"] <= report["drafted"]
     assert report["copied"] > 0 and report["acceptance"] == report["accepted"] / report["drafted"]
