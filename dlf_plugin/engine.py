@@ -572,12 +572,16 @@ class FusionEngine:
             self.release()
         return out[:, : prompt_len + steps]
 
-    def _streams(self, input_ids: TokensByView, attention_mask: TokensByView, room: int) -> list[_Stream]:
-        """Each view's decoding state for left-padded prompts and ``room`` more tokens."""
+    def _prompts(self, input_ids: TokensByView, attention_mask: TokensByView) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each view's left-padded prompts and masks, on the device."""
         ids, masks = self._by_view(input_ids), self._by_view(attention_mask)
         if len({len(t) for t in ids}) > 1:
             raise ValueError(f"every view needs the same batch rows; got {[len(t) for t in ids]}")
-        return [_Stream(i.to(self.device), m.to(self.device), room) for i, m in zip(ids, masks)]
+        return [i.to(self.device) for i in ids], [m.to(self.device) for m in masks]
+
+    def _streams(self, input_ids: TokensByView, attention_mask: TokensByView, room: int) -> list[_Stream]:
+        """Each view's decoding state for left-padded prompts and ``room`` more tokens."""
+        return [_Stream(i, m, room) for i, m in zip(*self._prompts(input_ids, attention_mask))]
 
     @_untracked
     def generate_speculative(
@@ -655,23 +659,18 @@ class FusionEngine:
             raise ValueError("speculative decoding needs an expert pair to draft with")
         drafter = self.pairs[0].expert if draft > 1 else None
         device = self.device
-        ids, masks = self._by_view(input_ids), self._by_view(attention_mask)
-        if len({len(t) for t in ids}) > 1:
-            raise ValueError(f"every view needs the same batch rows; got {[len(t) for t in ids]}")
-        ids, masks = [t.to(device) for t in ids], [m.to(device) for m in masks]
-        total = len(ids[0])
+        ids, masks = self._prompts(input_ids, attention_mask)
+        total, prompt_len = ids[0].shape
         slots = total if not slots else min(slots, total)
         room = max_new_tokens * max(draft, lookup + 1)
-        # Read once: with lookup, view 0's prompts; with groups, each view's leading padding
-        # per prompt (a group is cut to its own widest).
-        host = []
-        if lookup:
-            host.append(torch.where(masks[0].bool(), ids[0], -1))
+        # Read in one transfer: with lookup, view 0's prompts (-1 on padding); with groups,
+        # each view's leading padding per prompt (a group is cut to its own widest).
+        host = [torch.where(masks[0].bool(), ids[0], -1)] if lookup else []
         if slots < total:
-            host.append(torch.stack([(m.cumsum(1) == 0).sum(1) for m in masks]).T)  # [N, views]
-        host = torch.cat(host, dim=1).tolist() if host else [[] for _ in range(total)]
-        shown = [row[: ids[0].shape[1]] for row in host] if lookup else None
-        leading = [[row[-len(ids) + view] for row in host] for view in range(len(ids))] if slots < total else [[0] * total for _ in ids]
+            host.append(torch.stack([(m.cumsum(1) == 0).sum(1) for m in masks], dim=1))  # [N, views]
+        host = torch.cat(host, dim=1).tolist() if host else [[]] * total
+        shown = [row[:prompt_len] for row in host]
+        leading = [[row[-len(ids) + view] if slots < total else 0 for row in host] for view in range(len(ids))]
         generated: list[list[int]] = [[] for _ in range(total)]
         lookups: list[_Lookup | None] = [None] * total
         waiting = list(range(total))  # prompts not prefilled yet, in order
@@ -755,12 +754,12 @@ class FusionEngine:
                 # running row has one, or where nobody else drafts (speculate 0 or 1: a row
                 # without a copy feeds placeholders then, drafts the rule keeps or refuses as
                 # any other); the round is as wide as the shortest copy allows.
-                chains = [lookups[batch.owner[s]].chain(lookup) if lookup and s in live else [] for s in range(rows)]
+                chains = [lookups[r].chain(lookup) if lookup and r is not None else [] for r in batch.owner]
                 lengths = [len(chains[s]) for s in live if chains[s]]
                 left = max(max_new_tokens - len(generated[batch.owner[s]]) for s in live)  # no round wider: no row keeps more
                 by_lookup = bool(lengths) and (len(lengths) == len(live) or drafter is None) and left > 1
                 width = min(1 + min(lengths) if by_lookup else draft, left)
-                plan = torch.tensor([[int(s in live), *(chains[s] + [-1] * width)[: width - 1]] for s in range(rows)], device=device)
+                plan = torch.tensor([[int(r is not None), *(chain + [-1] * width)[: width - 1]] for r, chain in zip(batch.owner, chains)], device=device)
                 running, copies = plan[:, 0].bool(), plan[:, 1:]  # [rows], [rows, width - 1] (-1: no copy)
                 hidden, proposals = {}, []
                 if by_lookup:
@@ -833,10 +832,10 @@ class FusionEngine:
         finally:
             self.release()
         self.speculation["tokens"] = sum(map(len, generated))
-        out = torch.full((total, ids[0].shape[1] + max(map(len, generated))), pad_token_id, dtype=torch.long)
-        out[:, : ids[0].shape[1]] = ids[0].cpu()
+        out = torch.full((total, prompt_len + max(map(len, generated))), pad_token_id, dtype=torch.long)
+        out[:, :prompt_len] = ids[0].cpu()
         for r, row in enumerate(generated):
-            out[r, ids[0].shape[1] : ids[0].shape[1] + len(row)] = torch.tensor(row, dtype=torch.long)
+            out[r, prompt_len : prompt_len + len(row)] = torch.tensor(row, dtype=torch.long)
         return out.to(device)
 
     def _fuse_round(self, hidden: dict[str, torch.Tensor], running: torch.Tensor, drafts: torch.Tensor | None = None) -> tuple[Fused, torch.Tensor]:

@@ -77,3 +77,35 @@ def tiny_models_loaded(tiny_world) -> dict:
 
     names = ["large", "small-a", "expert-a1", "expert-a2", "small-b", "expert-b"]
     return {n: transformers.AutoModelForCausalLM.from_pretrained(tiny_world["root"] / n).eval() for n in names}
+
+
+@pytest.fixture
+def taken_over(monkeypatch) -> list:
+    """Each time a free speculative row takes over a prefilled prompt's caches
+    (``generate_speculative`` with slots), the row."""
+    from dlf_plugin import engine
+
+    takes, take_over = [], engine._Rows.take_over
+    monkeypatch.setattr(engine._Rows, "take_over", lambda self, slot, *a: takes.append(slot) or take_over(self, slot, *a))
+    return takes
+
+
+@pytest.fixture
+def first_prompt_stops_after(monkeypatch):
+    """``apply(engine, n)``: from now, the engine's speculative generations stop their first
+    prompt after n tokens, besides their own stops (the rows then finish at different
+    rounds, and a row frees while others run)."""
+
+    def apply(engine, tokens: int) -> None:
+        generate = engine.generate_speculative
+
+        def early(*args, stop_check=None, **kwargs):
+            def check(rows, made):
+                stopped = {r for r, t in zip(rows, made) if r == 0 and len(t) >= tokens}
+                return stopped | (stop_check(rows, made) if stop_check else set())
+
+            return generate(*args, stop_check=check, **kwargs)
+
+        monkeypatch.setattr(engine, "generate_speculative", early)
+
+    return apply

@@ -97,11 +97,17 @@ def test_scores_past_the_window_equal_brute_force(world):
         assert greedy == expected_greedy
 
 
-@pytest.mark.parametrize("speculate", [0, 3])
-def test_greedy_tokens_past_the_window_equal_brute_force(world, speculate):
+@pytest.mark.parametrize("speculate, slots", [(0, None), (3, None), (3, 2)])
+def test_greedy_tokens_past_the_window_equal_brute_force(world, taken_over, first_prompt_stops_after, speculate, slots):
     """A ragged batch (left padding), decoded plainly and in speculative rounds of 3: a
-    refused draft stays in the caches, masked, and must take no place in the window."""
+    refused draft stays in the caches, masked, and must take no place in the window. With
+    2 rows for the prompts (the first stopping after 4 tokens), those that take over a
+    stopped row's caches (its older columns masked) must not count them in the window
+    either."""
     lm = _lm(world, batch_size=4, speculate=speculate)
+    if slots:
+        lm._slots = slots
+        first_prompt_stops_after(lm.engine, 4)
     context, mask = lm.tok_batch_encode(PROMPTS)
     assert mask[:, 0].tolist().count(0) >= 2  # padded rows
     seen = []  # (row, position, fused logits) of every token emitted
@@ -113,6 +119,8 @@ def test_greedy_tokens_past_the_window_equal_brute_force(world, speculate):
     out = lm._model_generate(context, context.shape[1] + NEW, stop=[], attention_mask=mask, do_sample=False)
     vocab = lm.engine.vocab_size
     expected = [reference.greedy_tokens(world["models"], "large", PAIRS, lm.tok_encode(p), vocab, NEW, lm.eot_token_id) for p in PROMPTS]
+    if slots:
+        expected[0] = expected[0][:4]
     for row, tokens in enumerate(expected):
         assert out[row, context.shape[1] :].tolist()[: len(tokens)] == tokens, row
     # Each emitted token's fused logits, not only its argmax: a window a few tokens short
@@ -124,6 +132,7 @@ def test_greedy_tokens_past_the_window_equal_brute_force(world, speculate):
     if speculate:
         drafted, accepted = lm.engine.speculation["drafted"], lm.engine.speculation["accepted"]
         assert 0 < accepted < drafted  # rounds that kept drafts, and refused ones left in the caches
+        assert lm.engine.speculation["prefills"] == (2 if slots else 1) and bool(taken_over) == bool(slots)
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,7 @@ from lm_eval.api.instance import Instance
 
 import reference
 from toy_prompts import PROMPTS, dev_prompts
-from dlf_plugin import engine
-from dlf_plugin.engine import Sampling, _Lookup, speculative_choice
+from dlf_plugin.engine import Sampling, _Lookup, _Stream, speculative_choice
 from dlf_plugin.lm import DLFLM
 from dlf_plugin.registry import RegistryError
 
@@ -63,13 +62,6 @@ def rounds_read(monkeypatch, lm: DLFLM, batch: int) -> list:
     return reads
 
 
-def taken_over(monkeypatch) -> list:
-    """From now, each time a free row takes over a prefilled prompt's caches, the row."""
-    takes, take_over = [], engine._Rows.take_over
-    monkeypatch.setattr(engine._Rows, "take_over", lambda self, slot, *a: takes.append(slot) or take_over(self, slot, *a))
-    return takes
-
-
 def example_solver():
     sys.path.insert(0, str(REPO / "tests" / "example_solver_plugin"))
     from dlf_example_solver import AgreementSolver
@@ -78,7 +70,7 @@ def example_solver():
 
 
 @pytest.mark.parametrize("solver", ["static", "dlf-grid", "dlf", "dlf fixed", "dlf-joint", "plugin"])
-def test_same_tokens_as_plain_fused_greedy_with_ragged_batches_and_stop_strings(solver, monkeypatch):
+def test_same_tokens_as_plain_fused_greedy_with_ragged_batches_and_stop_strings(solver, monkeypatch, taken_over):
     """Toy world, pairs qa + fill (qa's expert drafts), 16 prompts in batches of 8 with each
     row's own stop strings: the text equals plain decoding's for k = 2 and 4, with drafts
     both accepted and rejected. ``dlf fixed``: the schedule accelerators take by default."""
@@ -95,16 +87,15 @@ def test_same_tokens_as_plain_fused_greedy_with_ragged_batches_and_stop_strings(
     requests = toy_requests(4, until=("\n", "e"))
     expected = plain.generate_until(requests)
     assert len({len(text) for text in expected}) > 2
-    takes = taken_over(monkeypatch)
     for k in (2, 4):
-        takes.clear()
+        taken_over.clear()
         fast = DLFLM(registry="toy", experts="qa+fill", solver=solver, batch_size=8, speculate=k, **options)
         assert fast.generate_until(toy_requests(4, until=("\n", "e"))) == expected
         totals = fast.get_model_info()["dlf"]["speculation"]
         # Drafts were accepted, and some rejected: both paths ran; rows that stopped took
         # the second group's prompts (16 requests, 8 rows).
         assert 0 < totals["accepted"] < totals["drafted"]
-        assert takes and (totals["calls"], totals["prefills"]) == (1, 2)
+        assert taken_over and (totals["calls"], totals["prefills"]) == (1, 2)
 
 
 def _earliest_copy(tokens: list[int], length: int) -> list[int]:
@@ -338,7 +329,7 @@ def test_k_one_is_plain_decoding_one_large_pass_per_token(tiny_world):
     assert plain.engine.speculation["rounds"] == out.shape[1] - context.shape[1] - 1
 
 
-def test_rows_that_stop_take_over_the_next_prompts_in_fewer_large_passes(monkeypatch):
+def test_rows_that_stop_take_over_the_next_prompts_in_fewer_large_passes(monkeypatch, taken_over):
     """Toy world, qa + fill (qa's expert drafting), speculate=3 and lookup=4, 48 dev prompts
     after solved examples, each stopping at its second line's end or after 24 tokens: 3 rows that
     refill give every prompt the tokens that batches of 3 give it, after 16 prefills, in
@@ -357,10 +348,9 @@ def test_rows_that_stop_take_over_the_next_prompts_in_fewer_large_passes(monkeyp
         out = lm.engine.generate_speculative(ids, masks, 24, lm.eot_token_id, -1, draft=3, lookup=4, stop_check=two_lines, slots=slots)
         return [[t for t in row[context.shape[1] :] if t >= 0] for row in out.tolist()]  # -1: padding
 
-    takes = taken_over(monkeypatch)
     refilled = generate(context, mask, slots=3)
     passes, widest = len(widths), max(widths)
-    assert lm.engine.speculation["prefills"] == 16 and takes
+    assert lm.engine.speculation["prefills"] == 16 and taken_over
     widths.clear()
     batched = [row for i in range(0, len(context), 3) for row in generate(context[i : i + 3], mask[i : i + 3])]
     assert len({len(row) for row in batched}) > 3  # rows stop at different places
@@ -373,7 +363,7 @@ REPEATING = "the quick brown fox jumps. the quick brown"  # copies to draft from
 
 
 @pytest.mark.parametrize("lookup, slots", [(0, None), (3, None), (0, 2), (3, 2)])
-def test_masked_drafts_equal_recomputing_every_prefix(tiny_world, tiny_models_loaded, monkeypatch, lookup, slots):
+def test_masked_drafts_equal_recomputing_every_prefix(tiny_world, tiny_models_loaded, monkeypatch, taken_over, lookup, slots):
     """Rejected drafts stay in the caches, masked: the tokens equal a brute force that
     recomputes every prefix from scratch in float64 (static weights, two pairs, k = 3; with
     ``lookup=3`` rounds of other widths, drafted by lookup alone or in part). With 2 slots
@@ -383,12 +373,12 @@ def test_masked_drafts_equal_recomputing_every_prefix(tiny_world, tiny_models_lo
     lm = DLFLM(registry=str(tiny_world["registry"]), experts="a1+b", solver="static", batch_size=4)
     prompts = ["Lorem", "The river Tesh flows", "Question: What is the capital of Varn?\nAnswer:", REPEATING]
     context, mask = lm.tok_batch_encode(prompts)
-    takes, grown = taken_over(monkeypatch), []
-    grow_left = engine._Stream.grow_left
-    monkeypatch.setattr(engine._Stream, "grow_left", lambda self, columns: grown.append(columns) or grow_left(self, columns))
+    grown = []
+    grow_left = _Stream.grow_left
+    monkeypatch.setattr(_Stream, "grow_left", lambda self, columns: grown.append(columns) or grow_left(self, columns))
     out = lm.engine.generate_speculative(context, mask, 12, lm.eot_token_id, 0, draft=3, lookup=lookup, slots=slots)
     assert (lm.engine.speculation["copied"] > 0) == bool(lookup)
-    assert len(takes) == (2 if slots else 0) and bool(grown) == bool(slots)
+    assert len(taken_over) == (2 if slots else 0) and bool(grown) == bool(slots)
     pairs = [("expert-a1", "small-a", 1.0), ("expert-b", "small-b", 1.0)]
     for row, prompt in enumerate(prompts):
         expected = reference.greedy_tokens(tiny_models_loaded, "large", pairs, lm.tok_encode(prompt), lm.engine.vocab_size, 12, lm.eot_token_id)
@@ -473,7 +463,7 @@ SHOWN = "Question: What is the capital of Voustunia?\nAnswer: Driszaim\n"  # the
 
 
 @pytest.mark.parametrize("draft, lookup, confidence, slots", [(3, 0, 0.0, None), (3, 2, 0.0, None), (1, 2, 0.0, None), (3, 0, 0.5, None), (3, 2, 0.0, 500)])
-def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confidence, slots, monkeypatch):
+def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confidence, slots, taken_over):
     """Toy world (pair qa, static weights), one prompt 4,000 times, temperature 1 and top-k 3,
     k = 3: the first three tokens' joint frequencies match the exact fused distribution
     computed in float64 from scratch for each prefix (27 sequences). Keeping every draft
@@ -496,7 +486,6 @@ def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confide
     ids = torch.tensor([prompt] * rows)
     sampling = Sampling(do_sample=True, temperature=1.0, top_k=3)
     counts, stats, drafted = collections.Counter(), collections.Counter(), set()
-    takes = taken_over(monkeypatch)
     for _ in range(draws // rows):
         out = lm.engine.generate_speculative(ids, torch.ones_like(ids), 3, -1, 0, draft=draft, sampling=sampling, lookup=lookup, confidence=confidence, slots=slots)
         counts.update(tuple(row) for row in out[:, len(prompt) :].tolist())
@@ -506,7 +495,7 @@ def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confide
     assert (stats["copied"] > 0) == bool(lookup) and (stats["lookup_rounds"] > 0) == (draft == 1), stats
     if confidence:  # some calls stopped drafting at their one round's first draft, some drafted
         assert drafted == {False, True}
-    assert bool(takes) == bool(slots)
+    assert bool(taken_over) == bool(slots)
 
     def top3(tokens):
         z = reference.fused_logits(models, "large-base", [("expert-qa", "small-base", 1.0)], tokens, lm.engine.vocab_size)

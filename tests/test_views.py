@@ -100,17 +100,26 @@ def test_chat_expert_loglikelihoods_equal_brute_force(chat_world, models):
     assert described[CHAT_VIEW]["chat_template_sha256"] and all(v["boundary_differs"] == 0 for v in described.values())
 
 
-@pytest.mark.parametrize("speculate", [0, 3])
-def test_chat_expert_greedy_tokens_equal_brute_force(chat_world, models, speculate):
-    # chat first: with speculate its expert drafts, reading its own view.
-    lm = DLFLM(registry=str(chat_world), experts="chat+a1", solver="static", weights=_weights("chat+a1"), batch_size="3", speculate=speculate)
+@pytest.mark.parametrize("speculate, batch", [(0, "3"), (3, "3"), (3, "2")])
+def test_chat_expert_greedy_tokens_equal_brute_force(chat_world, models, taken_over, first_prompt_stops_after, speculate, batch):
+    # chat first: with speculate its expert drafts, reading its own view. Batch 2: the
+    # longest prompt (lm-eval's first) stops after 3 tokens, and the shortest takes over
+    # its row, in both views' caches, while the third runs on.
+    lm = DLFLM(registry=str(chat_world), experts="chat+a1", solver="static", weights=_weights("chat+a1"), batch_size=batch, speculate=speculate)
+    if batch == "2":
+        first_prompt_stops_after(lm.engine, 3)
     prompts = ["Question: What is the capital of Varn?\nAnswer:", "The", "the quick brown fox jumps over"]
     new = 9
     got = lm.generate_until(_requests("generate_until", [(p, {"until": [], "max_gen_toks": new}) for p in prompts], lambda c: {CHAT_VIEW: chat(c)}))
+    longest = max(prompts, key=lambda p: len(lm.tok_encode(p)))
     for prompt, text in zip(prompts, got):
         own = lm.tok_encode(chat(prompt))
         tokens = reference.greedy_tokens(models, "large", _pairs(lm), lm.tok_encode(prompt), lm.engine.vocab_size, new, lm.eot_token_id, pair_prompts=[own, lm.tok_encode(prompt)])
+        if batch == "2" and prompt == longest:
+            tokens = tokens[:3]
         assert text == lm.tok_decode([t for t in tokens if t != lm.eot_token_id])
+    if batch == "2":
+        assert lm.get_model_info()["dlf"]["speculation"]["prefills"] == 2 and taken_over
 
 
 def test_shots_to_the_large_model_only_equal_brute_force(tiny_world, models):
