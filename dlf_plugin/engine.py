@@ -621,7 +621,8 @@ class FusionEngine:
 
         ``slots`` = b < the number of prompts N decodes b rows at a time and refills: the
         prompts are prefilled b at a time, in order (one pass of every model for each group
-        of b, as b-row batches would be), and a row whose generation stops takes the next
+        of b, as b-row batches would be; the first group as given, each later one cut to its
+        own widest prompt), and a row whose generation stops takes the next
         prefilled prompt's caches in its place before the next round, so that a round's
         pass serves b rows while prompts remain, not the slowest row of a finished batch.
         The newcomer's cache columns are written at the end of the row's (the row's older
@@ -664,7 +665,7 @@ class FusionEngine:
         slots = total if not slots else min(slots, total)
         room = max_new_tokens * max(draft, lookup + 1)
         # Read in one transfer: with lookup, view 0's prompts (-1 on padding); with groups,
-        # each view's leading padding per prompt (a group is cut to its own widest).
+        # each view's leading padding per prompt (a later group is cut to its own widest).
         host = [torch.where(masks[0].bool(), ids[0], -1)] if lookup else []
         if slots < total:
             host.append(torch.stack([(m.cumsum(1) == 0).sum(1) for m in masks], dim=1))  # [N, views]
@@ -706,7 +707,7 @@ class FusionEngine:
             picked = torch.tensor(group, device=device)
             streams, start = [], []
             for view, (i, m) in enumerate(zip(ids, masks)):
-                cut = min(leading[view][r] for r in group)
+                cut = min(leading[view][r] for r in group) if self.speculation["prefills"] else 0  # the first as given
                 streams.append(_Stream(i.index_select(0, picked)[:, cut:], m.index_select(0, picked)[:, cut:], room))
                 start.append([leading[view][r] - cut for r in group])
             caches = {name: self.models[name].new_cache(len(group), streams[self.view_of[name]].width, preallocated=False) for name in self.forward_order}

@@ -374,16 +374,20 @@ class DLFLM(HFLM):
         def run(group):
             if self.batch_size == "auto":
                 self._widest_generation = self._widest(group)  # what the trial must fit
-            if not (self.round_width > 1 and isinstance(self.batch_size, int) and 1 < self.batch_size < len(group)):
+            if self.round_width == 1 or len(group) < 2:
                 return super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm)
             # Speculative rows finish at different rounds: lm-eval hands all the requests
             # of a set of gen_kwargs to one generate call, whose batch_size rows refill
-            # (FusionEngine.generate_speculative's slots).
-            self._slots, self.batch_size_per_gpu = self.batch_size, len(group)
+            # (FusionEngine.generate_speculative's slots); auto's trial holds the next
+            # group's prompts beside a batch, as a refilling call does.
+            chosen = self.batch_size_per_gpu
+            rows = self._detect_batch_size() if chosen == "auto" else chosen
+            self._slots = rows if 1 < rows < len(group) else None
+            self.batch_size_per_gpu = len(group) if self._slots else rows
             try:
                 return super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm)
             finally:
-                self.batch_size_per_gpu, self._slots = self._slots, None
+                self.batch_size_per_gpu, self._slots = chosen, None
 
         return self._routed(requests, run)
 
@@ -522,7 +526,8 @@ class DLFLM(HFLM):
         """A step (a speculative round) after the prefill's, from prompts whose caches end as
         long as the widest request's can grow: its context and max_gen_toks new tokens, times
         k with ``speculate=k`` (a round takes k cache slots per row and at worst keeps one;
-        n + 1 with ``lookup=n`` where that is more).
+        n + 1 with ``lookup=n`` where that is more); speculating, the next group's prompts
+        prefilled while those caches live (rows that refill hold them).
         Nothing of a step outlives it but the caches, so the last step is the largest. Left
         padding keeps positions within max_length."""
         context, new, sampling = self._widest_generation or (self.max_length - self.max_gen_toks, self.max_gen_toks, Sampling())
@@ -538,11 +543,16 @@ class DLFLM(HFLM):
             self.engine.generate(ids, mask, max_new_tokens=2, **common)
         else:
             # Room for a whole round after the prefill's token (a round is never wider than the
-            # tokens left), and a stop after it.
+            # tokens left), and a stop after it. Then, as rows that refill hold it while those
+            # caches live, the next group's prompts (the widest context) are prefilled.
             def after_one_round(rows, made):
                 return {r for r, tokens in zip(rows, made) if len(tokens) > 1}
 
-            self.engine.generate_speculative(ids, mask, max_new_tokens=1 + k, draft=k, stop_check=after_one_round, **common)
+            waiting = torch.full_like(ids, self.prefix_token_id)
+            waiting_mask = torch.zeros_like(mask)
+            waiting_mask[:, prompt - min(prompt, context) :] = 1
+            self.engine.generate_speculative(torch.cat([ids, waiting]), torch.cat([mask, waiting_mask]), max_new_tokens=1 + k, draft=k,
+                                             stop_check=after_one_round, slots=batch_size, **common)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """Score (context, continuation) token pairs, fusing at continuation positions only."""

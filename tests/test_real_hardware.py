@@ -225,11 +225,15 @@ def test_auto_batch_size_for_generation_fits_the_generation(tiny_world, speculat
     to k slots per generated token. On a device with room for batch 4 but not 8, batch size
     auto must choose a batch that runs, and not one below 4. (dlf-grid: a solver that holds
     what it declares, whatever its inputs; the trial stands in for the solver by that.)
-    Speculative greedy: not below 3. The trial plans for k slots per token (a round in which
+    Speculative: not below 3. The trial plans for k slots per token (a round in which
     one row keeps all its drafts keeps k slots for every row), while here the rounds cut
     nearly every refused draft (peak at batch 4: 0.456 MiB, plain 0.452, 0.589 uncut). With
     ``lookup=2`` alone, not below 2: the trial plans for n + 1 = 3 slots per token, while here
-    the copies of the repeating prompts are nearly all kept, and the runs hold less."""
+    the copies of the repeating prompts are nearly all kept, and the runs hold less.
+    Speculating, auto's rows refill (one generate call for the 8 requests), and its trial
+    holds the next group's prompt caches beside a batch's, as the run does (sampled, it
+    then chooses 3, not 4); the device is sized from batches of their own requests (which
+    do not refill)."""
     gen = {"until": [], "max_gen_toks": 12, **({"do_sample": True, "temperature": 1.0, "top_p": 0.9} if sampled else {})}
     requests = [Instance("generate_until", None, (LONG[i:], gen), i) for i in range(8)]  # cut to max_length - 12 tokens
 
@@ -251,9 +255,35 @@ def test_auto_batch_size_for_generation_fits_the_generation(tiny_world, speculat
     auto._detect_batch_size = lambda *a, **k: chosen.append(detect(*a, **k)) or chosen[-1]
     with Device((peaks[4] + peaks[8]) // 2):
         texts = auto.generate_until(requests)
-    assert (2 if lookup else 3 if speculate and not sampled else 4) <= chosen[0] < 8
+    assert (2 if lookup else 3 if speculate else 4) <= chosen[0] < 8
+    if speculate or lookup:  # its rows refilled, the next group's prompts held beside them
+        report = auto.get_model_info()["dlf"]["speculation"]
+        assert (report["calls"], report["prefills"]) == (1, -(-8 // chosen[0])), chosen
     if not sampled:
         assert texts == alone
+
+
+@pytest.mark.parametrize("speculate, lookup", [(3, 0), (0, 2)])
+def test_auto_trial_holds_what_rows_that_refill_hold(tiny_world, speculate, lookup):
+    """Speculating, rows refill: a generation holds the next group's prompt caches beside
+    its rows' caches. Batch size auto's trial at b rows must hold at least what 8 requests
+    through b rows that refill hold, b = 2, 3 and 4 (here 1.21 times; 1.01 times when the
+    trial's first group was cut to its open columns, losing the padding that stands for
+    the caches' growth; the trial's plan of k slots a token alone covers these runs, 1.14
+    times, so this does not single out the waiting prompts' share)."""
+    gen = {"until": [], "max_gen_toks": 12}
+    requests = [Instance("generate_until", None, (LONG[i:], gen), i) for i in range(8)]
+    args = dict(registry=str(tiny_world["registry"]), experts="a1+b", solver="dlf-grid", max_batch_size=8, max_length=48, speculate=speculate, lookup=lookup)
+    auto = DLFLM(batch_size="auto", **args)
+    auto._widest_generation = auto._widest(requests)
+    for rows in (2, 3, 4):
+        lm = DLFLM(batch_size=str(rows), **args)
+        with measure_allocations() as run:
+            lm.generate_until(requests)
+        assert lm.get_model_info()["dlf"]["speculation"]["prefills"] == -(-8 // rows)
+        with measure_allocations() as trial, auto.engine.declared_solver_memory():
+            auto._generation_trial(rows)
+        assert trial.peak >= run.peak, rows
 
 
 def test_batch_size_trials_hold_what_the_solver_declares_and_never_call_it(tiny_world):
