@@ -732,7 +732,7 @@ class FusionEngine:
                 # where every row stopped (the next group runs as a batch of its own), else
                 # one by one into the caches, where they allow it.
                 if batch is None or not batch.running():
-                    if (pool is None or not pool.running()) and waiting:
+                    while (pool is None or not pool.running()) and waiting:  # a group may stop at its first tokens
                         pool = prefill()
                     if pool is None or not pool.running():
                         break

@@ -550,7 +550,7 @@ class DLFLM(HFLM):
 
             waiting = torch.full_like(ids, self.prefix_token_id)
             waiting_mask = torch.zeros_like(mask)
-            waiting_mask[:, prompt - min(prompt, context) :] = 1
+            waiting_mask[:, prompt - max(1, min(prompt, context)) :] = 1
             self.engine.generate_speculative(torch.cat([ids, waiting]), torch.cat([mask, waiting_mask]), max_new_tokens=1 + k, draft=k,
                                              stop_check=after_one_round, slots=batch_size, **common)
 

@@ -357,6 +357,10 @@ def test_rows_that_stop_take_over_the_next_prompts_in_fewer_large_passes(monkeyp
     assert refilled == batched
     assert passes < len(widths)
     assert widest <= context.shape[1] + 24 * 5  # a request's most: 24 rounds of lookup + 1 = 5 columns
+    # One token each: every group stops at its prefill's tokens, and the next is prefilled.
+    one = lm.engine.generate_speculative(context, mask, 1, lm.eot_token_id, -1, draft=3, lookup=4, slots=3)
+    assert one.tolist() == lm.engine.generate(context, mask, 1, Sampling(), lm.eot_token_id, -1).tolist()
+    assert lm.engine.speculation["prefills"] == 16 and lm.engine.speculation["rounds"] == 0
 
 
 REPEATING = "the quick brown fox jumps. the quick brown"  # copies to draft from
