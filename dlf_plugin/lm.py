@@ -43,6 +43,10 @@ console.install()
 # that dlf passes through.
 DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "route_tokens", "fusion_memory", "speculate", "lookup", "draft_confidence", "shots")
 ROUTES = ("none", "task", "prompt")
+# Speculating at batch size b > 1, lm-eval's chunks hold this many batches of requests, which
+# the b rows of one generate call decode, refilling: a call's last rows drain once per chunk,
+# and lm-eval's progress bar and its request cache (--use_cache) advance once per chunk.
+REFILL_GROUPS = 8
 PASSED_TO_HFLM = ("batch_size", "max_batch_size", "max_length", "add_bos_token", "prefix_token_id", "truncation", "logits_cache")
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k")
 # route=prompt: the prompt's last tokens whose likelihood ratio picks the pair (0: the whole
@@ -376,14 +380,14 @@ class DLFLM(HFLM):
                 self._widest_generation = self._widest(group)  # what the trial must fit
             if self.round_width == 1 or len(group) < 2:
                 return super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm)
-            # Speculative rows finish at different rounds: lm-eval hands all the requests
-            # of a set of gen_kwargs to one generate call, whose batch_size rows refill
-            # (FusionEngine.generate_speculative's slots); auto's trial holds the next
-            # group's prompts beside a batch, as a refilling call does.
+            # Speculative rows finish at different rounds: lm-eval hands up to REFILL_GROUPS
+            # batches' worth of requests with the same gen_kwargs to one generate call, whose
+            # batch_size rows refill (FusionEngine.generate_speculative's slots); auto's trial
+            # holds the next group's prompts beside a batch, as a refilling call does.
             chosen = self.batch_size_per_gpu
             rows = self._detect_batch_size() if chosen == "auto" else chosen
             self._slots = rows if 1 < rows < len(group) else None
-            self.batch_size_per_gpu = len(group) if self._slots else rows
+            self.batch_size_per_gpu = min(len(group), rows * REFILL_GROUPS) if self._slots else rows
             try:
                 return super(DLFLM, self).generate_until(group, disable_tqdm=disable_tqdm)
             finally:

@@ -363,6 +363,17 @@ def test_rows_that_stop_take_over_the_next_prompts_in_fewer_large_passes(monkeyp
     assert lm.engine.speculation["prefills"] == 16 and lm.engine.speculation["rounds"] == 0
 
 
+def test_a_refilling_call_decodes_at_most_eight_batches_of_requests():
+    """20 requests at batch size 2: lm-eval's chunks hold 16 and 4 of them (the progress
+    bar and lm-eval's request cache move on once per chunk), one generate call each, its
+    rows prefilled 2 at a time; the texts are plain decoding's."""
+    requests = lambda: toy_requests(5)  # noqa: E731 - 5 dev prompts of each of the 4 seen tasks
+    fast = DLFLM(registry="toy", experts="qa", batch_size=2, speculate=3)
+    assert fast.generate_until(requests()) == DLFLM(registry="toy", experts="qa", batch_size=2).generate_until(requests())
+    report = fast.get_model_info()["dlf"]["speculation"]
+    assert (report["calls"], report["prefills"]) == (2, 10)
+
+
 REPEATING = "the quick brown fox jumps. the quick brown"  # copies to draft from
 
 
