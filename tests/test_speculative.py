@@ -71,9 +71,10 @@ def example_solver():
 
 @pytest.mark.parametrize("solver", ["static", "dlf-grid", "dlf", "dlf fixed", "dlf-joint", "plugin"])
 def test_same_tokens_as_plain_fused_greedy_with_ragged_batches_and_stop_strings(solver, monkeypatch, taken_over):
-    """Toy world, pairs qa + fill (qa's expert drafts), 16 prompts in batches of 8 with each
-    row's own stop strings: the text equals plain decoding's for k = 2 and 4, with drafts
-    both accepted and rejected. ``dlf fixed``: the schedule accelerators take by default."""
+    """Toy world, pairs qa + fill (qa's expert drafts), 16 prompts at batch size 8 with each
+    row's own stop strings (speculating, 8 rows that refill: the second 8 prompts take over
+    rows that stop): the text equals plain decoding's for k = 2 and 4, with drafts both
+    accepted and rejected. ``dlf fixed``: the schedule accelerators take by default."""
     options = {}
     if solver == "dlf fixed":
         solver, options = "dlf", {"schedule": "fixed"}
