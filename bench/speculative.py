@@ -172,7 +172,7 @@ def main() -> None:
                         for k, n, c in configs_here})
             counters = {k: Passes(lm.engine.models[registry.large].model) for k, lm in lms.items()}
             # The large model's prefill passes of the last repeat: one per plain generate call;
-            # speculating, one per group of batch-size prompts (rows refill: one call per task).
+            # speculating, one per group of batch-size prompts (rows refill, up to 8 groups a call).
             calls = dict.fromkeys(lms, 0)
             for k, lm in lms.items():
                 name = "generate_speculative" if k else "generate"

@@ -670,7 +670,7 @@ class FusionEngine:
         if slots < total:
             host.append(torch.stack([(m.cumsum(1) == 0).sum(1) for m in masks], dim=1))  # [N, views]
         host = torch.cat(host, dim=1).tolist() if host else [[]] * total
-        shown = [row[:prompt_len] for row in host]
+        shown = [row[:prompt_len] for row in host] if lookup else None
         leading = [[row[-len(ids) + view] if slots < total else 0 for row in host] for view in range(len(ids))]
         generated: list[list[int]] = [[] for _ in range(total)]
         lookups: list[_Lookup | None] = [None] * total
