@@ -3,19 +3,20 @@ toy world's tasks through lm-eval.
 
     python bench/speculative.py [--split dev|test] [--drafts 2 3 4 6] [--lookups 0 8] [--confidences 0 0.3]
                                 [--batches 1 8] [--limit 100] [--long] [--device cpu|cuda] [--temperature T]
-                                [--chosen 1:6,4,0.2 8:3,4,0]
+                                [--histories 0 1] [--chosen 1:6,4,0.2 8:3,4,0,1]
 
 Each seen task is fused with its own pair (its expert drafts). Per batch size and
 configuration (k = ``speculate``, each with every ``lookup`` n of ``--lookups`` (0: off) and
-every ``draft_confidence`` c of ``--confidences`` (0: off; only with k > 1)): the
+every ``draft_confidence`` c of ``--confidences`` (0: off; only with k > 1) and every
+``lookup_history`` h of ``--histories`` (0: off, 1: on; only with n > 0)): the
 drafts accepted, large-model forward passes per generated token (prefill included, counted
 by a hook on the large model's body), and wall time per generated token against plain fused
 decoding and against the large model alone (lm-eval's HFLM), timed in turns in one process.
 Every greedy speculative run's texts are compared with plain decoding's (a target counts those
 unlike). The best configuration is chosen on ``--split dev`` (the fastest at each batch size);
 ``--split test`` only reports: its targets are, per batch size, the configuration
-``--chosen`` names for it (``BATCH:K,N,C``, chosen on dev), else the first of ``--drafts``,
-``--lookups`` and ``--confidences``; the others are shown beside it.
+``--chosen`` names for it (``BATCH:K,N,C[,H]``, chosen on dev), else the first of ``--drafts``,
+``--lookups``, ``--confidences`` and ``--histories``; the others are shown beside it.
 ``--temperature T`` (with ``--long``) samples instead: texts differ from plain decoding's and
 are not compared (tests/test_speculative.py checks the distribution); times per token still
 divide by the speculative runs' token count, 32 per prompt unless a row draws EOS.
@@ -41,6 +42,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from decode import target  # bench/ is the script's folder
+from dlf_plugin.engine import LookupHistory
 from dlf_plugin.lm import DLFLM
 from dlf_plugin.registry import load_registry
 
@@ -54,7 +56,11 @@ LONG = {"until": ["<never>"], "max_gen_toks": 32}
 
 
 def run(lm, task: str, manager, limit, gen_kwargs=None) -> tuple[list[str], float]:
-    """The task's generated texts and the seconds lm-eval took."""
+    """The task's generated texts and the seconds lm-eval took. A ``lookup_history`` starts
+    empty, as in a fresh run: the last repeat's generations of the same requests would be
+    perfect copies."""
+    if getattr(lm, "lookup_history", None) is not None:
+        lm.lookup_history = LookupHistory()
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=True,
                                   bootstrap_iters=0, gen_kwargs=gen_kwargs)
@@ -97,11 +103,12 @@ class Clock:
 
 
 def label(config) -> str:
-    """How a run is named: plain fused, or its model_args speculate, lookup and draft_confidence."""
+    """How a run is named: plain fused, or its model_args speculate, lookup, draft_confidence
+    and lookup_history."""
     if not config:
         return "plain fused"
-    k, n, c = config
-    return f"speculate={k}" + (f",lookup={n}" if n else "") + (f",draft_confidence={c:g}" if c else "")
+    k, n, c, h = config
+    return f"speculate={k}" + (f",lookup={n}" if n else "") + (f",draft_confidence={c:g}" if c else "") + (",lookup_history=true" if h else "")
 
 
 PARTS = ("drafter", "large", "small base", "heads", "solver+fusion")
@@ -126,31 +133,34 @@ def main() -> None:
     ap.add_argument("--drafts", type=int, nargs="+", default=[3])
     ap.add_argument("--lookups", type=int, nargs="+", default=[0], help="model_args lookup values, each with every k")
     ap.add_argument("--confidences", type=float, nargs="+", default=[0.0], help="model_args draft_confidence values, each with every k > 1 and n")
+    ap.add_argument("--histories", type=int, nargs="+", choices=[0, 1], default=[0], help="model_args lookup_history off (0) or on (1), each with every n > 0")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--limit", type=int, default=100, help="questions per task")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--long", action="store_true", help="generate 32 tokens per prompt instead of the answer's line")
     ap.add_argument("--device", default="cpu", help="where every model runs (model_args placement; hf's device)")
     ap.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (with --long); 0: greedy")
-    ap.add_argument("--chosen", nargs="+", default=[], metavar="BATCH:K,N,C",
-                    help="--split test: the configuration chosen on dev for a batch size (speculate, lookup, draft_confidence), measured first and judged by the targets")
+    ap.add_argument("--chosen", nargs="+", default=[], metavar="BATCH:K,N,C[,H]",
+                    help="--split test: the configuration chosen on dev for a batch size (speculate, lookup, draft_confidence, lookup_history 0 or 1), measured first and judged by the targets")
     args = ap.parse_args()
     chosen = {}
     for given in args.chosen:
         try:
             batch, config = given.split(":")
-            k, n, c = config.split(",")
-            chosen[int(batch)] = (int(k), int(n), float(c))
-        except ValueError:
-            ap.error(f"--chosen {given!r}: write BATCH:K,N,C, e.g. 1:6,4,0.2")
+            k, n, c, *h = config.split(",")
+            chosen[int(batch)] = (int(k), int(n), float(c), int(*h or [0]))
+        except (ValueError, TypeError):
+            ap.error(f"--chosen {given!r}: write BATCH:K,N,C[,H], e.g. 1:6,4,0.2 or 8:3,4,0,1")
     if chosen and (args.split != "test" or set(chosen) - set(args.batches)):
         ap.error("--chosen names the configurations chosen on dev, for --split test and batch sizes of --batches")
     if args.temperature and not args.long:
         ap.error("--temperature needs --long (sampled answer lines end at different lengths)")
     gen_kwargs = {**LONG, **({"do_sample": True, "temperature": args.temperature} if args.temperature else {})} if args.long else None
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    # (speculate, lookup, draft_confidence); a confidence needs the expert to draft (k > 1)
-    configs = [(k, n, c) for k in args.drafts for n in args.lookups for c in args.confidences if k > 1 or not c]
+    # (speculate, lookup, draft_confidence, lookup_history); a confidence needs the expert to
+    # draft (k > 1), a history copies (n > 0)
+    configs = [(k, n, c, h) for k in args.drafts for n in args.lookups for c in args.confidences for h in args.histories
+               if (k > 1 or not c) and (n or not h)]
     torch.manual_seed(0)
     registry = load_registry("toy")
     manager = TaskManager(include_path=str(REPO / "tasks" / "toy"))
@@ -168,8 +178,9 @@ def main() -> None:
         rows, spent = {}, {k: collections.Counter() for k in [0, *configs_here]}
         for pair, task in tasks.items():
             lms = {0: DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device)}
-            lms.update({(k, n, c): DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device, speculate=k, lookup=n, draft_confidence=c)
-                        for k, n, c in configs_here})
+            lms.update({(k, n, c, h): DLFLM(registry="toy", experts=pair, batch_size=batch, placement=args.device, speculate=k, lookup=n,
+                                            draft_confidence=c, lookup_history=bool(h))
+                        for k, n, c, h in configs_here})
             counters = {k: Passes(lm.engine.models[registry.large].model) for k, lm in lms.items()}
             # The large model's prefill passes of the last repeat: one per plain generate call;
             # speculating, one per group of batch-size prompts (rows refill, up to 8 groups a call).
@@ -209,19 +220,20 @@ def main() -> None:
                           {k: stats[k]["accepted"] / max(1, stats[k]["drafted"]) for k in configs_here},
                           {k: (counters[k].count - calls[k]) / (counters[0].count - calls[0]) for k in lms},
                           {k: (counters[k].count, calls[k]) for k in lms},
-                          {k: stats[k]["lookup_rounds"] / max(1, stats[k]["rounds"]) for k in configs_here})
+                          {k: stats[k]["lookup_rounds"] / max(1, stats[k]["rounds"]) for k in configs_here}, stats)
             # After the counts above are taken: the run below counts tokens and passes too.
             for k, lm in lms.items():
                 spent[k].update(parts(lm, task, manager, args.limit, gen_kwargs, args.device, registry.pairs[pair]))
         print(f"\nbatch {batch}: ms per generated token (lm-eval end to end); large-model passes per token and sequence (plain "
               "fused decoding: 1), in all and after each request's first token (its prefill's); drafts accepted")
-        for task, (tokens, per, passes, accept, decoding, _, lookups) in rows.items():
+        for task, (tokens, per, passes, accept, decoding, _, lookups, stats) in rows.items():
             print(f"  {task:<14} {tokens:6.0f} tokens  plain fused {per[0] * 1e3:6.2f}  large alone {per['large'] * 1e3:6.2f}  "
                   f"large passes {passes[0]:.2f} ({decoding[0]:.2f} after the first)")
             for k in configs_here:
                 print(f"      {label(k)}: {per[k] * 1e3:6.2f} ms ({per[k] / per[0]:.2f}x plain, {per[k] / per['large']:.2f}x large alone), "
                       f"large passes {passes[k]:.2f} ({decoding[k]:.2f} after the first), {100 * accept[k]:.0f}% of drafts accepted"
-                      + (f", {100 * lookups[k]:.0f}% of rounds drafted by lookup alone" if k[1] else ""))
+                      + (f", {100 * lookups[k]:.0f}% of rounds drafted by lookup alone, {100 * stats[k]['copied'] / max(1, stats[k]['drafted']):.0f}% of drafts copied" if k[1] else "")
+                      + (f" ({100 * stats[k]['pooled'] / max(1, stats[k]['drafted']):.0f}% from earlier requests)" if k[3] else ""))
         for k in configs_here:
             passes = sum(r[5][k][0] for r in rows.values()) / sum(r[5][0][0] for r in rows.values())
             after_first = sum(r[5][k][0] - r[5][k][1] for r in rows.values()) / sum(r[5][0][0] - r[5][0][1] for r in rows.values())

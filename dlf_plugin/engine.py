@@ -158,6 +158,7 @@ class _Lookup:
     def __init__(self, tokens: list[int]) -> None:
         self.tokens: list[int] = []
         self.first: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.SIZES}
+        self.pooled = False  # whether the last chain came from a history
         for token in tokens:
             self.append(token)
 
@@ -169,13 +170,56 @@ class _Lookup:
             if at >= n:
                 table.setdefault(tuple(self.tokens[at - n : at]), at)
 
-    def chain(self, length: int) -> list[int]:
-        """Up to ``length`` tokens copied after the earliest match; empty without one."""
+    def chain(self, length: int, history: LookupHistory | None = None) -> list[int]:
+        """Up to ``length`` tokens copied after the earliest match; empty without one. With a
+        ``history``, each n-gram size looks there after the row's own context (three tokens
+        here, three there, two here, two there); ``pooled`` says whether the copy came from it."""
+        self.pooled = False
         for n, table in self.first.items():
-            start = table.get(tuple(self.tokens[-n:])) if len(self.tokens) >= n else None
+            if len(self.tokens) < n:
+                continue
+            key = tuple(self.tokens[-n:])
+            start = table.get(key)
             if start is not None:
                 return self.tokens[start : start + length]
+            copy = history.follow(key, length) if history is not None else []
+            if copy:
+                self.pooled = True
+                return copy
         return []
+
+
+class LookupHistory:
+    """The generations of a run's earlier requests, pooled for ``lookup`` (model_args
+    ``lookup_history``): where a row's own context holds no copy, the tokens that followed
+    the earliest pooled occurrence of its last n tokens. Each generation is its own segment
+    (no n-gram, and no copy, runs from one into the next); each n-gram's first occurrence is
+    kept as generations arrive. Past ``TOKENS`` pooled tokens no more are added: the tables
+    stay as they are, so the host memory they take is bounded."""
+
+    TOKENS = 1 << 18  # at most about 86 MiB of tables (random tokens over 32,000 ids: no n-gram repeats)
+
+    def __init__(self) -> None:
+        self.segments: list[list[int]] = []
+        self.size = 0
+        self.first: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (segment, index after it)
+
+    def add(self, tokens: list[int]) -> None:
+        if self.size >= self.TOKENS or not tokens:
+            return
+        segment = len(self.segments)
+        self.segments.append(list(tokens))
+        self.size += len(tokens)
+        for n in _Lookup.SIZES:
+            for at in range(n, len(tokens)):
+                self.first.setdefault(tuple(tokens[at - n : at]), (segment, at))
+
+    def follow(self, key: tuple[int, ...], length: int) -> list[int]:
+        found = self.first.get(key)
+        if found is None:
+            return []
+        segment, at = found
+        return self.segments[segment][at : at + length]
 
 
 def _growing_layers(cache) -> list | None:
@@ -597,6 +641,7 @@ class FusionEngine:
         lookup: int = 0,
         confidence: float = 0.0,
         slots: int | None = None,
+        history: LookupHistory | None = None,
     ) -> torch.Tensor:
         """Fused decoding of up to ``draft`` tokens a round, the first pair's expert drafting
         (DESIGN.md section 8); greedy, the same tokens as ``generate`` (in float32: a k-token
@@ -642,7 +687,9 @@ class FusionEngine:
         them. A copied draft's proposal q is the token itself (probability 1): the rule
         keeps it with probability p(d) and is exact with it as with any proposal. The
         prompts (and their lengths, for the groups) are read to the host once, before the
-        first prefill.
+        first prefill. With a ``history``, a row without a copy in its own context looks for
+        one in the generations of earlier requests (``LookupHistory``); each request that
+        stops adds its generation there.
 
         ``confidence`` = c > 0 ends a round's drafting early: where the drafter's most likely
         token at draft i has less than probability c (its softmax, greedy; q, sampled) for
@@ -677,8 +724,9 @@ class FusionEngine:
         waiting = list(range(total))  # prompts not prefilled yet, in order
         # After the call: prefills (one large pass each: a group of ``slots`` prompts),
         # rounds (large-model passes after them), rounds drafted by lookup alone, drafts made
-        # (copied ones among them) and accepted over the running rows, tokens generated.
-        self.speculation = dict(prefills=0, rounds=0, lookup_rounds=0, drafted=0, copied=0, accepted=0, tokens=0)
+        # (copied ones among them, and of those the ones from the history) and accepted over
+        # the running rows, tokens generated.
+        self.speculation = dict(prefills=0, rounds=0, lookup_rounds=0, drafted=0, copied=0, pooled=0, accepted=0, tokens=0)
 
         def emit(fused: Fused, rows: _Rows, step: int, kept: list[int], counts: list[int]) -> None:
             """Append each running row's kept tokens to its prompt's generation, token by
@@ -695,6 +743,8 @@ class FusionEngine:
                 stopped = _stopping([rows.owner[s] for s in here], generated, eos_token_id, max_new_tokens, stop_check)
                 for s in here:
                     if rows.owner[s] in stopped:
+                        if history is not None:
+                            history.add(generated[rows.owner[s]])
                         rows.owner[s] = None
             if self.observer is not None and emitted:
                 self.observer(fused, *map(list, zip(*sorted(emitted))))
@@ -755,7 +805,8 @@ class FusionEngine:
                 # running row has one, or where nobody else drafts (speculate 0 or 1: a row
                 # without a copy feeds placeholders then, drafts the rule keeps or refuses as
                 # any other); the round is as wide as the shortest copy allows.
-                chains = [lookups[r].chain(lookup) if lookup and r is not None else [] for r in batch.owner]
+                chains = [lookups[r].chain(lookup, history) if lookup and r is not None else [] for r in batch.owner]
+                pooled = [lookup and r is not None and lookups[r].pooled for r in batch.owner]
                 lengths = [len(chains[s]) for s in live if chains[s]]
                 left = max(max_new_tokens - len(generated[batch.owner[s]]) for s in live)  # no round wider: no row keeps more
                 by_lookup = bool(lengths) and (len(lengths) == len(live) or drafter is None) and left > 1
@@ -811,6 +862,7 @@ class FusionEngine:
                 self.speculation["lookup_rounds"] += by_lookup
                 self.speculation["drafted"] += (width - 1) * len(live)
                 self.speculation["copied"] += sum(min(len(chain), width - 1) for chain in chains)
+                self.speculation["pooled"] += sum(min(len(chain), width - 1) for chain, p in zip(chains, pooled) if p)
                 tokens, accepted = _kept(fused.logits.view(rows, width, -1), fed[:, 1:], proposals, sampling)
                 report = torch.cat([tokens.flatten(), accepted, flags]).tolist()
                 n = tokens.numel()

@@ -28,7 +28,7 @@ from tqdm import tqdm
 import dlf_plugin
 from dlf_plugin import arguments, console, loading, views
 from dlf_plugin.backends import LocalModel
-from dlf_plugin.engine import DEFAULT_FUSION_MEMORY, FusionEngine, Sampling
+from dlf_plugin.engine import DEFAULT_FUSION_MEMORY, FusionEngine, LookupHistory, Sampling
 from dlf_plugin.errors import DLFError
 from dlf_plugin.fusion import FusionInputs, dlf_loss
 from dlf_plugin.hooks import make_solver
@@ -41,7 +41,7 @@ console.install()
 
 # model_args that dlf itself reads (everything else goes to the solver) and HFLM's
 # that dlf passes through.
-DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "route_tokens", "fusion_memory", "speculate", "lookup", "draft_confidence", "shots")
+DLF_ARGS = ("registry", "experts", "solver", "dtype", "trace", "placement", "route", "route_tokens", "fusion_memory", "speculate", "lookup", "lookup_history", "draft_confidence", "shots")
 ROUTES = ("none", "task", "prompt")
 # Speculating at batch size b > 1, lm-eval's chunks hold this many batches of requests, which
 # the b rows of one generate call decode, refilling: a call's last rows drain once per chunk,
@@ -92,6 +92,10 @@ class DLFLM(HFLM):
             expert's choices; a round where every row has such a copy runs no drafter at all.
             The same tokens or distribution as without; 0 (default): off. With speculate 0 or
             1, only copies are drafted.
+        lookup_history: with lookup, a row whose own context holds no copy looks for one in
+            the generations of the run's earlier requests (True/False; default False): the
+            same tokens or distribution, more copies where a task's answers repeat one
+            another's wording. Up to 2^18 pooled tokens, on the host.
         draft_confidence: with speculate k > 1, the expert stops drafting a round where its
             most likely next token has less than this probability in every running row, so a
             round is only as wide as its likely drafts; the same tokens or distribution as
@@ -119,6 +123,7 @@ class DLFLM(HFLM):
         route_tokens: int | str = ROUTE_TOKENS,
         speculate: int | str = 0,
         lookup: int | str = 0,
+        lookup_history: bool | str = False,
         draft_confidence: float | str = 0.0,
         shots: str = "all",
         device: str | None = None,
@@ -146,6 +151,11 @@ class DLFLM(HFLM):
         self.lookup = arguments.whole_number("lookup", lookup, minimum=0)
         if self.lookup and not pair_specs:
             raise RegistryError("model_args lookup drafts for speculative decoding, which needs at least one expert pair")
+        if not isinstance(lookup_history, bool):
+            raise RegistryError(f"model_args lookup_history={lookup_history!r} must be True or False")
+        if lookup_history and not self.lookup:
+            raise RegistryError("model_args lookup_history pools copies for lookup's drafts: set lookup=n (e.g. 4), or drop lookup_history")
+        self.lookup_history = LookupHistory() if lookup_history else None
         self.draft_confidence = arguments.fraction("draft_confidence", draft_confidence)
         if self.draft_confidence and self.speculate < 2:
             raise RegistryError(
@@ -733,7 +743,7 @@ class DLFLM(HFLM):
         try:
             if self.round_width == 1:
                 return self.engine.generate(context, attention_mask, sampling=sampling, **common)
-            out = self.engine.generate_speculative(context, attention_mask, draft=max(self.speculate, 1), lookup=self.lookup, confidence=self.draft_confidence, sampling=sampling, slots=self._slots, **common)
+            out = self.engine.generate_speculative(context, attention_mask, draft=max(self.speculate, 1), lookup=self.lookup, confidence=self.draft_confidence, sampling=sampling, slots=self._slots, history=self.lookup_history, **common)
             self._speculation.update(self.engine.speculation, calls=1)
             return out
         finally:
@@ -766,6 +776,7 @@ class DLFLM(HFLM):
                 **({"route_tokens": self.route_tokens} if self.route == "prompt" else {}),
                 **({"speculate": self.speculate} if self.speculate > 1 else {}),
                 **({"lookup": self.lookup} if self.lookup else {}),
+                **({"lookup_history": True} if self.lookup_history is not None else {}),
                 **({"draft_confidence": self.draft_confidence} if self.draft_confidence else {}),
                 **({"speculation": self._speculation_report()} if self.round_width > 1 else {}),
                 "shots": self.shots,
@@ -796,10 +807,10 @@ class DLFLM(HFLM):
         ``prefills`` (the large model's passes over prompts: one per call, or per group of
         batch_size prompts where rows refill), ``rounds`` (its passes after them),
         ``lookup_rounds`` (rounds drafted by copies alone), ``drafted`` (drafts made for running
-        rows, ``copied`` of them from the context), ``accepted`` (those the fusion kept, up to
+        rows, ``copied`` of them from the context, ``pooled`` of those from ``lookup_history``), ``accepted`` (those the fusion kept, up to
         each row's first refusal; a row's stop may then cut some off), ``tokens`` generated, and
         ``acceptance`` = accepted / drafted."""
-        counts = {key: self._speculation[key] for key in ("calls", "prefills", "rounds", "lookup_rounds", "drafted", "copied", "accepted", "tokens")}
+        counts = {key: self._speculation[key] for key in ("calls", "prefills", "rounds", "lookup_rounds", "drafted", "copied", "pooled", "accepted", "tokens")}
         return {**counts, "acceptance": counts["accepted"] / counts["drafted"] if counts["drafted"] else None}
 
     def _uncertified(self) -> dict:

@@ -16,7 +16,7 @@ from lm_eval.api.instance import Instance
 
 import reference
 from toy_prompts import PROMPTS, dev_prompts
-from dlf_plugin.engine import Sampling, _Lookup, _Stream, speculative_choice
+from dlf_plugin.engine import LookupHistory, Sampling, _Lookup, _Stream, speculative_choice
 from dlf_plugin.lm import DLFLM
 from dlf_plugin.registry import RegistryError
 
@@ -124,6 +124,72 @@ def test_lookup_copies_what_followed_the_earliest_earlier_occurrence():
             lookup.append(tokens[-1])
 
 
+def _copy_with_history(tokens: list[int], segments: list[list[int]], length: int) -> tuple[list[int], bool]:
+    """Brute force: per n-gram size (3, then 2), the earliest earlier occurrence in the row's
+    own tokens, else the first in the earlier generations (in the order they came), the copy
+    ending where its generation ends; and whether it came from them."""
+    for n in (3, 2):
+        if len(tokens) < n:
+            continue
+        for source, pooled in [(tokens, False)] + [(segment, True) for segment in segments]:
+            for start in range(len(source) - n):
+                if source[start : start + n] == tokens[-n:]:
+                    return source[start + n : start + n + length], pooled
+    return [], False
+
+
+def test_lookup_history_copies_from_earlier_generations_where_the_row_has_none(monkeypatch):
+    """``lookup_history``: a row's own three-token match first, then the earlier
+    generations', then its own two-token match, then theirs; a copy never runs from one
+    generation into the next; past ``TOKENS`` pooled tokens (40 here) no generation is added.
+    300 random rows and histories over 2-6 token ids, asked after every token, against a scan."""
+    monkeypatch.setattr(LookupHistory, "TOKENS", 40)
+    rng = random.Random(1)
+    seen = collections.Counter()
+    for _ in range(300):
+        vocab = rng.randint(2, 6)
+        history, kept, size = LookupHistory(), [], 0
+        for _ in range(rng.randint(0, 8)):
+            segment = [rng.randrange(vocab) for _ in range(rng.randint(0, 9))]
+            if size < 40 and segment:
+                kept.append(segment)
+                size += len(segment)
+            else:
+                seen["refused"] += bool(segment)
+            history.add(segment)
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(0, 6))]
+        lookup = _Lookup(tokens)
+        for _ in range(20):
+            for length in (1, 3, 8):
+                expected, pooled = _copy_with_history(tokens, kept, length)
+                assert (lookup.chain(length, history), lookup.pooled) == (expected, pooled), (tokens, kept, length)
+                seen["pooled"] += pooled
+                seen["cut at its generation's end"] += pooled and 0 < len(expected) < length
+            tokens.append(rng.randrange(vocab))
+            lookup.append(tokens[-1])
+    assert all(seen[key] > 0 for key in ("refused", "pooled", "cut at its generation's end")), seen
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_copies_from_earlier_requests_give_the_tokens_of_plain_fused_greedy(batch_size):
+    """``lookup_history=True`` through lm-eval: 12 prompts making 16 tokens each (the toy
+    models go on past the answer, in lines like the ones before), one call a request at
+    batch size 1 (the history lives across calls) and rows that refill at 4 (requests that
+    stop add their generations while others run). The texts equal plain decoding's, copies
+    came from earlier requests, and more drafts were copied than without the history."""
+    requests = lambda: toy_requests(3, until=(), max_gen_toks=16)  # noqa: E731
+    expected = DLFLM(registry="toy", experts="qa", batch_size=batch_size).generate_until(requests())
+    copied = {}
+    for history in (False, True):
+        lm = DLFLM(registry="toy", experts="qa", batch_size=batch_size, speculate=3, lookup=4, lookup_history=history)
+        assert lm.generate_until(requests()) == expected, history
+        recorded = lm.get_model_info()["dlf"]
+        assert recorded.get("lookup_history") == (True if history else None)
+        copied[history] = recorded["speculation"]["copied"]
+        assert (recorded["speculation"]["pooled"] > 0) == history, recorded["speculation"]
+    assert copied[True] > copied[False], copied
+
+
 @pytest.mark.parametrize("solver", ["static", "dlf-grid", "dlf", "plugin"])
 def test_lookup_drafts_give_the_tokens_of_plain_fused_greedy(solver, monkeypatch):
     """``lookup=4`` with speculate=3 (the expert drafts where a row has no copy), with
@@ -161,8 +227,8 @@ def test_rows_with_copies_feed_them_in_rounds_the_expert_drafts(monkeypatch):
     made, copies, read = [], [], []
     init, chain = _Lookup.__init__, _Lookup.chain
 
-    def copying(self, length):
-        found = [] if self is made[0] else chain(self, length)
+    def copying(self, length, history=None):
+        found = [] if self is made[0] else chain(self, length, history)
         copies.append((len(read), made.index(self), found))  # the large pass this round makes next
         return found
 
@@ -478,8 +544,11 @@ def test_speculative_choice_draws_from_the_target_whatever_the_proposal():
 SHOWN = "Question: What is the capital of Voustunia?\nAnswer: Driszaim\n"  # the same question solved: drafts to copy
 
 
-@pytest.mark.parametrize("draft, lookup, confidence, slots", [(3, 0, 0.0, None), (3, 2, 0.0, None), (1, 2, 0.0, None), (3, 0, 0.5, None), (3, 2, 0.0, 500)])
-def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confidence, slots, taken_over):
+@pytest.mark.parametrize(
+    "draft, lookup, confidence, slots, pooled",
+    [(3, 0, 0.0, None, False), (3, 2, 0.0, None, False), (1, 2, 0.0, None, False), (3, 0, 0.5, None, False), (3, 2, 0.0, 500, False), (3, 2, 0.0, None, True)],
+)
+def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confidence, slots, pooled, taken_over):
     """Toy world (pair qa, static weights), one prompt 4,000 times, temperature 1 and top-k 3,
     k = 3: the first three tokens' joint frequencies match the exact fused distribution
     computed in float64 from scratch for each prefix (27 sequences). Keeping every draft
@@ -491,24 +560,29 @@ def test_sampled_speculation_draws_the_fused_distribution(draft, lookup, confide
     placeholders. With ``confidence=0.5`` the draws come 8 at a time (a batch of 4,000 rows
     would always hold a row sure enough to draft on), and some rounds stop drafting early.
     With 500 slots the 4,000 rows run 500 at a time, rows that stop taking over the caches
-    of the next prompts."""
+    of the next prompts. ``pooled``: the solved question is not in the prompt but in a
+    ``LookupHistory`` (an earlier request's generation), which the copies then come from."""
     torch.manual_seed(0)
     lm = DLFLM(registry="toy", experts="qa", solver="static", batch_size=1)
     names = ("large-base", "small-base", "expert-qa")
     models = {n: transformers.AutoModelForCausalLM.from_pretrained(REPO / "models" / "toy" / n).eval() for n in names}
-    prompt = lm.tok_encode((SHOWN if lookup else "") + PROMPTS["toy_qa"].format("Voustunia"))
+    prompt = lm.tok_encode((SHOWN if lookup and not pooled else "") + PROMPTS["toy_qa"].format("Voustunia"))
+    history = LookupHistory() if pooled else None
+    if pooled:
+        history.add(lm.tok_encode(SHOWN))
     draws = 4000
     rows = 8 if confidence else draws
     ids = torch.tensor([prompt] * rows)
     sampling = Sampling(do_sample=True, temperature=1.0, top_k=3)
     counts, stats, drafted = collections.Counter(), collections.Counter(), set()
     for _ in range(draws // rows):
-        out = lm.engine.generate_speculative(ids, torch.ones_like(ids), 3, -1, 0, draft=draft, sampling=sampling, lookup=lookup, confidence=confidence, slots=slots)
+        out = lm.engine.generate_speculative(ids, torch.ones_like(ids), 3, -1, 0, draft=draft, sampling=sampling, lookup=lookup, confidence=confidence, slots=slots, history=history)
         counts.update(tuple(row) for row in out[:, len(prompt) :].tolist())
         stats.update(lm.engine.speculation)
         drafted.add(lm.engine.speculation["drafted"] > 0)
     assert 0 < stats["accepted"] < stats["drafted"], stats
     assert (stats["copied"] > 0) == bool(lookup) and (stats["lookup_rounds"] > 0) == (draft == 1), stats
+    assert (stats["pooled"] > 0) == pooled and (not pooled or stats["pooled"] == stats["copied"]), stats
     if confidence:  # some calls stopped drafting at their one round's first draft, some drafted
         assert drafted == {False, True}
     assert bool(taken_over) == bool(slots)
@@ -556,6 +630,10 @@ def test_bad_speculate_values_are_refused(tiny_world):
     for bad in ("-0.1", "1", 1.5, "sure", True):
         with pytest.raises(RegistryError, match=r"model_args draft_confidence=.* must be a number in \[0, 1\)"):
             DLFLM(registry=str(tiny_world["registry"]), experts="a1", speculate=3, draft_confidence=bad)
+    with pytest.raises(RegistryError, match=r"model_args lookup_history='yes' must be True or False"):
+        DLFLM(registry=str(tiny_world["registry"]), experts="a1", speculate=3, lookup=4, lookup_history="yes")
+    with pytest.raises(RegistryError, match="lookup_history pools copies for lookup's drafts: set lookup=n"):
+        DLFLM(registry=str(tiny_world["registry"]), experts="a1", speculate=3, lookup_history=True)
     for k in (0, 1):  # no drafts to stop
         with pytest.raises(RegistryError, match="draft_confidence=0.5 stops the expert's drafts, which it makes only with speculate"):
             DLFLM(registry=str(tiny_world["registry"]), experts="a1", speculate=k, lookup=4, draft_confidence="0.5")
