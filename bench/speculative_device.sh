@@ -12,7 +12,7 @@
 # 3. bench/speculative_dtype.py: bfloat16 texts against float32's.
 # Every figure goes to stdout; the targets' lines end each bench's part. DEV_LIMIT, TEST_LIMIT,
 # REPEATS and DTYPE_LIMIT override the sizes (a smoke run on a CPU: DEV_LIMIT=2 TEST_LIMIT=2 REPEATS=1
-# DTYPE_LIMIT=2, about 2 minutes).
+# DTYPE_LIMIT=2, about 3 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 device=${1:-cuda}
