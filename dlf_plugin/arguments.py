@@ -47,6 +47,13 @@ def fraction(key: str, value: Any) -> float:
     return number
 
 
+def boolean(key: str, value: Any) -> bool:
+    """True or False (lm-eval's parser turns ``true``/``false`` into booleans)."""
+    if not isinstance(value, bool):
+        raise RegistryError(f"model_args {key}={value!r} must be True or False")
+    return value
+
+
 def check_hflm_args(args: dict) -> None:
     """The batching and prompt arguments dlf passes to lm-eval's HFLM."""
     batch = args.get("batch_size")
@@ -58,8 +65,8 @@ def check_hflm_args(args: dict) -> None:
         if args.get(key) is not None:
             whole_number(key, args[key])
     for key in BOOLEAN_ARGS:
-        if key in args and not isinstance(args[key], bool):
-            raise RegistryError(f"model_args {key}={args[key]!r} must be True or False")
+        if key in args:
+            boolean(key, args[key])
     prefix = args.get("prefix_token_id")
     if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
         raise RegistryError(f"model_args prefix_token_id={prefix!r} must be a token id (a whole number >= 0)")

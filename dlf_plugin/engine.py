@@ -806,7 +806,6 @@ class FusionEngine:
                 # without a copy feeds placeholders then, drafts the rule keeps or refuses as
                 # any other); the round is as wide as the shortest copy allows.
                 chains = [lookups[r].chain(lookup, history) if lookup and r is not None else [] for r in batch.owner]
-                pooled = [lookup and r is not None and lookups[r].pooled for r in batch.owner]
                 lengths = [len(chains[s]) for s in live if chains[s]]
                 left = max(max_new_tokens - len(generated[batch.owner[s]]) for s in live)  # no round wider: no row keeps more
                 by_lookup = bool(lengths) and (len(lengths) == len(live) or drafter is None) and left > 1
@@ -862,7 +861,7 @@ class FusionEngine:
                 self.speculation["lookup_rounds"] += by_lookup
                 self.speculation["drafted"] += (width - 1) * len(live)
                 self.speculation["copied"] += sum(min(len(chain), width - 1) for chain in chains)
-                self.speculation["pooled"] += sum(min(len(chain), width - 1) for chain, p in zip(chains, pooled) if p)
+                self.speculation["pooled"] += sum(min(len(chain), width - 1) for chain, r in zip(chains, batch.owner) if chain and lookups[r].pooled)
                 tokens, accepted = _kept(fused.logits.view(rows, width, -1), fed[:, 1:], proposals, sampling)
                 report = torch.cat([tokens.flatten(), accepted, flags]).tolist()
                 n = tokens.numel()

@@ -151,9 +151,7 @@ class DLFLM(HFLM):
         self.lookup = arguments.whole_number("lookup", lookup, minimum=0)
         if self.lookup and not pair_specs:
             raise RegistryError("model_args lookup drafts for speculative decoding, which needs at least one expert pair")
-        if not isinstance(lookup_history, bool):
-            raise RegistryError(f"model_args lookup_history={lookup_history!r} must be True or False")
-        if lookup_history and not self.lookup:
+        if arguments.boolean("lookup_history", lookup_history) and not self.lookup:
             raise RegistryError("model_args lookup_history pools copies for lookup's drafts: set lookup=n (e.g. 4), or drop lookup_history")
         self.lookup_history = LookupHistory() if lookup_history else None
         self.draft_confidence = arguments.fraction("draft_confidence", draft_confidence)
